@@ -1,0 +1,186 @@
+"""Checkpoints -> (ModelConfig, params pytree), streamed one tensor at a time onto a mesh.
+
+    config, params = load_checkpoint("path/to/hf_dir" | "file.gguf" | "org/name", dtype="bfloat16")
+
+Sources: an HF directory (safetensors, single or sharded), an HF hub id (resolved through
+huggingface_hub's cache; nothing is downloaded when HF_HUB_OFFLINE=1), a GGUF file (dequantized),
+or a directory written by `jaxlens convert` (orbax; restored sharded). `.bin` pickles are refused
+unless `allow_pickle=True`: unpickling runs code from the file.
+
+Memory: each checkpoint tensor is read (memory-mapped), transformed, cast and `device_put` onto
+its NamedSharding, then dropped; per-layer tensors are written into their stacked [L, ...] device
+array in place (a donated dynamic_update_slice), so host memory stays near one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlens.config import ConfigError, ModelConfig, resolve_dtype
+from jaxlens.converters.families import Family, family_for
+from jaxlens.converters.safetensors_io import CheckpointError, SafetensorsSource
+from jaxlens.models import param_shapes
+from jaxlens.sharding import default_mesh, param_sharding
+
+__all__ = ["CheckpointError", "ConfigError", "load_checkpoint", "load_params", "open_source"]
+
+JAXLENS_CONFIG = "jaxlens_config.json"
+
+
+def open_source(src: str | os.PathLike, allow_pickle: bool = False):
+    """(tensor source, HF config dict) for a directory, a GGUF file or a hub id."""
+    path = Path(src)
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        from jaxlens.converters.gguf_io import GGUFSource
+
+        source = GGUFSource(path)
+        return source, source.hf_config()
+    if not path.exists():
+        path = _from_hub(str(src))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{src} is neither a checkpoint directory, a .gguf file, nor a cached hub id")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path}: no config.json; an HF checkpoint directory needs one")
+    hf_config = json.loads(config_file.read_text())
+    hf_config = hf_config.get("text_config", hf_config) | {"model_type": _text_model_type(hf_config)}
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
+        return SafetensorsSource(path), hf_config
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path} holds only pickle checkpoints (.bin/.pt); loading them can run arbitrary code. "
+                "Convert them to safetensors, or pass allow_pickle=True (--allow-pickle) if you trust the file"
+            )
+        from jaxlens.converters.pickle_io import PickleSource
+
+        return PickleSource(path), hf_config
+    raise CheckpointError(f"{path}: no *.safetensors, .gguf or (opt-in) .bin weights found")
+
+
+def _text_model_type(hf_config: dict) -> str | None:
+    if "text_config" in hf_config:  # multimodal wrappers (e.g. gemma3): the language model only
+        return hf_config["text_config"].get("model_type")
+    return hf_config.get("model_type")
+
+
+def _from_hub(repo_id: str) -> Path:
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise FileNotFoundError(f"{repo_id} does not exist and is not a hub id of the form org/name")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
+    return Path(snapshot_download(repo_id, allow_patterns=patterns))
+
+
+@lru_cache(maxsize=None)
+def _zeros(shape, dtype, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@lru_cache(maxsize=None)
+def _set_layer_fn(sharding):
+    return jax.jit(
+        lambda stacked, layer, i: jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0),
+        donate_argnums=0,
+        out_shardings=sharding,
+    )
+
+
+def load_params(source, family: Family, config: ModelConfig, dtype="float32", mesh=None):
+    """Read every tensor the family's table names from `source` into a sharded params pytree."""
+    dtype = resolve_dtype(dtype)
+    mesh = mesh or default_mesh()
+    shapes = param_shapes(config)
+    available = set(source.names())
+    rules = family.tensors(config)
+    wanted = [
+        rule.hf.format(i=i) for rule in rules for i in (range(config.n_layers) if rule.per_layer else [None])
+    ]
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint is missing {len(missing)} tensor(s) the {family.name} model needs, e.g. "
+            f"{missing[:3]}; is the config.json from the same model?"
+        )
+    ignored = family.ignored + ((r"lm_head\.weight",) if config.tie_embeddings else ())
+    unexpected = sorted(
+        n for n in available - set(wanted) if not any(re.fullmatch(p, n) for p in ignored)
+    )
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint has {len(unexpected)} tensor(s) the {family.name} model does not use, e.g. "
+            f"{unexpected[:3]}; the config does not describe these weights (wrong model_type or options?)"
+        )
+
+    params: dict = {}
+    for rule in rules:
+        target = _get_path(shapes, rule.path)
+        path = "/".join(rule.path)
+        sharding = param_sharding(path, target.shape, mesh)
+        if rule.per_layer:
+            # One layer has the stacked spec minus its leading [L] axis.
+            layer_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+            array = _zeros(tuple(target.shape), dtype, sharding)()
+            for i in range(config.n_layers):
+                host = _read(source, rule, config, i, target.shape[1:], dtype)
+                array = _set_layer_fn(sharding)(array, jax.device_put(host, layer_sharding), i)
+        else:
+            array = jax.device_put(_read(source, rule, config, None, target.shape, dtype), sharding)
+        _set_path(params, rule.path, array)
+    _check_complete(params, shapes)
+    return params
+
+
+def _read(source, rule, config, i, shape, dtype) -> np.ndarray:
+    name = rule.hf.format(i=i)
+    host = rule.transform(np.asarray(source.get(name)), config)
+    if tuple(host.shape) != tuple(shape):
+        raise CheckpointError(
+            f"tensor {name!r} has shape {tuple(source.shape(name))}, which does not fit the config "
+            f"(expected {tuple(shape)} after conversion); is the config.json from the same model?"
+        )
+    return host.astype(dtype)
+
+
+def _get_path(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set_path(tree, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _check_complete(params, shapes):
+    got = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)}
+    need = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(shapes)}
+    if got != need:  # a family table that forgot a param is our bug, not the user's
+        raise AssertionError(f"family table does not cover params {sorted(need - got)} / extra {sorted(got - need)}")
+
+
+def load_checkpoint(src, dtype="float32", mesh=None, allow_pickle: bool = False):
+    """(ModelConfig, params) from any supported source; see the module docstring."""
+    resolve_dtype(dtype)  # fail on a bad dtype before reading anything
+    path = Path(src)
+    if (path / JAXLENS_CONFIG).exists():
+        from jaxlens.converters.orbax_io import restore
+
+        return restore(path, dtype=dtype, mesh=mesh)
+    source, hf_config = open_source(src, allow_pickle=allow_pickle)
+    family = family_for(hf_config)
+    config = family.config(hf_config)
+    return config, load_params(source, family, config, dtype=dtype, mesh=mesh)

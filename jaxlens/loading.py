@@ -1,0 +1,39 @@
+"""`jaxlens.load`: checkpoint + tokenizer -> `Model`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxlens.model import Model
+from jaxlens.sharding import default_mesh
+
+
+def load(src, dtype="float32", mesh=None, tokenizer=None, allow_pickle: bool = False) -> Model:
+    """Load a checkpoint (HF dir, hub id, .gguf, or a `jaxlens convert` output) as a `Model`.
+
+    tokenizer: a transformers tokenizer, a path/hub id to load one from, or None to take the
+    checkpoint's own (HF files next to the weights, or the GGUF metadata).
+    """
+    from jaxlens.converters import load_checkpoint
+
+    mesh = mesh or default_mesh()
+    config, params = load_checkpoint(src, dtype=dtype, mesh=mesh, allow_pickle=allow_pickle)
+    return Model(config, params, _tokenizer(src, tokenizer), mesh)
+
+
+def _tokenizer(src, tokenizer):
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    path = Path(src)
+    if path.suffix == ".gguf":
+        from jaxlens.converters.gguf_io import GGUFSource
+
+        return GGUFSource(path).tokenizer()
+    for candidate in (path / "tokenizer", path):
+        if (candidate / "tokenizer_config.json").exists() or (candidate / "tokenizer.json").exists():
+            return AutoTokenizer.from_pretrained(str(candidate))
+    return None

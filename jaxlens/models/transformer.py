@@ -1,0 +1,179 @@
+"""The shared decoder: one set of Flax linen modules, switched by `ModelConfig`.
+
+Why linen and not NNX: `nn.scan` stacks the layers once (compile time flat in depth), and
+`apply(..., mutable=[site, ...])` turns on exactly the `sow` calls a caller names: a site that is
+not asked for is never written, so capturing nothing costs nothing. The public surface is the pure
+function `forward(params, tokens, mask, config=..., capture=...)` in `jaxlens.models`.
+
+Axis letters in comments: B batch, T query tokens, S key tokens, D d_model, N q heads,
+K kv heads, G q heads per kv head, H head_dim, F d_ff, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlens.config import ModelConfig
+from jaxlens.models.rope import apply_rope
+from jaxlens.sites import LAYER_SITES
+
+# Masked attention scores: a large finite negative, so fully masked (padding) rows stay finite.
+_MASKED = -1e30
+
+
+def _keep(_, new):
+    return new
+
+
+def sow(module: nn.Module, site: str, value: jnp.ndarray) -> None:
+    """Store `value` under collection `site` only if the caller made that collection mutable."""
+    module.sow(site, "sown", value, init_fn=lambda: None, reduce_fn=_keep)
+
+
+def _activation(name: str):
+    return {
+        "silu": jax.nn.silu,
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    }[name]
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    plus_one: bool = False  # Gemma stores w and scales by (1 + w)
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.zeros if self.plus_one else nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        scale = scale.astype(jnp.float32)
+        return (normed * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
+
+
+class Linear(nn.Module):
+    """x [..., in] -> [..., *out_shape], kernel [in, *out_shape]; einsum so heads stay an axis."""
+
+    out_shape: tuple[int, ...]
+    in_axes: int = 1  # how many trailing input axes are contracted
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[x.ndim - self.in_axes :]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (*in_shape, *self.out_shape), x.dtype)
+        letters = "abcdefgh"
+        ins, outs = letters[: self.in_axes], letters[self.in_axes : self.in_axes + len(self.out_shape)]
+        y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x, kernel.astype(x.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, self.out_shape, x.dtype).astype(x.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        """x [B,T,D]; cos/sin [B,T,H/2]; mask [B,1,1,T,S] bool (True = attend)."""
+        c = self.cfg
+        G = c.n_heads // c.n_kv_heads
+        q = Linear((c.n_heads, c.head_dim), use_bias=c.qkv_bias, name="q")(x)  # [B,T,N,H]
+        k = Linear((c.n_kv_heads, c.head_dim), use_bias=c.qkv_bias, name="k")(x)  # [B,S,K,H]
+        v = Linear((c.n_kv_heads, c.head_dim), use_bias=c.qkv_bias, name="v")(x)  # [B,S,K,H]
+        if c.qk_norm:
+            q = RMSNorm(c.norm_eps, c.norm_plus_one, name="q_norm")(q)
+            k = RMSNorm(c.norm_eps, c.norm_plus_one, name="k_norm")(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        B, T = q.shape[:2]
+        q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim)  # [B,T,K,G,H]
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * c.attn_scale  # [B,K,G,T,S]
+        scores = jnp.where(mask, scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1)
+        sow(self, "attn_probs", probs.reshape(B, c.n_heads, T, -1))
+        ctx = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)  # [B,T,K,G,H]
+        ctx = ctx.reshape(B, T, c.n_heads, c.head_dim)
+        return Linear((c.d_model,), in_axes=2, use_bias=c.o_bias, name="o")(ctx)  # [B,T,D]
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        act = _activation(c.activation)
+        if c.gated_mlp:
+            neurons = act(Linear((c.d_ff,), use_bias=c.mlp_bias, name="gate")(x))  # [B,T,F]
+            hidden = neurons * Linear((c.d_ff,), use_bias=c.mlp_bias, name="up")(x)
+        else:
+            neurons = act(Linear((c.d_ff,), use_bias=c.mlp_bias, name="up")(x))
+            hidden = neurons
+        sow(self, "mlp_act", neurons)
+        sow(self, "mlp_hidden", hidden)
+        return Linear((c.d_model,), use_bias=c.mlp_bias, name="down")(hidden)  # [B,T,D]
+
+
+class Block(nn.Module):
+    """One decoder layer; `nn.scan` stacks it over layers (params get a leading [L] axis)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, layer_in, shared):
+        c = self.cfg
+        sliding = layer_in  # bool scalar: does this layer use the sliding window?
+        cos = jnp.where(sliding, shared["cos_local"], shared["cos"])
+        sin = jnp.where(sliding, shared["sin_local"], shared["sin"])
+        mask = jnp.where(sliding, shared["mask_local"], shared["mask"])
+        norm = lambda name: RMSNorm(c.norm_eps, c.norm_plus_one, name=name)  # noqa: E731
+
+        sow(self, "resid_pre", x)
+        attn = Attention(c, name="attn")(norm("attn_norm")(x), cos, sin, mask)
+        if c.sandwich_norms:
+            attn = norm("post_attn_norm")(attn)
+        sow(self, "attn_out", attn)
+        x = x + attn
+        sow(self, "resid_mid", x)
+        mlp = MLP(c, name="mlp")(norm("mlp_norm")(x))
+        if c.sandwich_norms:
+            mlp = norm("post_mlp_norm")(mlp)
+        sow(self, "mlp_out", mlp)
+        x = x + mlp
+        sow(self, "resid_post", x)
+        return x, None
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, shared):
+        c = self.cfg
+        embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.d_model))
+        x = jnp.take(embedding, tokens, axis=0)  # [B,T,D]
+        if c.embed_scale:
+            x = x * jnp.asarray(c.d_model**0.5, dtype=x.dtype)
+        sow(self, "embed", x)
+
+        Stack = nn.scan(
+            Block,
+            variable_axes={"params": 0, **{site: 0 for site in LAYER_SITES}},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=c.n_layers,
+        )
+        sliding = jnp.asarray(c.sliding_layers, dtype=bool)  # [L]
+        x, _ = Stack(c, name="layers")(x, sliding, shared)
+
+        x = RMSNorm(c.norm_eps, c.norm_plus_one, name="final_norm")(x)
+        sow(self, "final_norm", x)
+        if c.tie_embeddings:
+            unembed = embedding.T  # [D,V]
+        else:
+            unembed = self.param("unembed", nn.initializers.normal(0.02), (c.d_model, c.vocab_size))
+        return jnp.einsum("btd,dv->btv", x, unembed.astype(x.dtype), preferred_element_type=jnp.float32)

@@ -1,0 +1,69 @@
+"""Meshes and partition rules: batch over `data`, heads / d_ff / vocab over `model`.
+
+The mesh uses Auto axis types on purpose (jax.make_mesh now defaults to Explicit, under which
+`with_sharding_constraint` refuses plain specs): we place params and inputs with NamedSharding and
+let GSPMD propagate through the forward pass.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# (regex on the '/'-joined params path, spec). First match wins; unmatched leaves are replicated.
+PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
+    (r"^embedding$", ("model", None)),  # [V, D]
+    (r"^unembed$", (None, "model")),  # [D, V]
+    (r"^layers/attn/(q|k|v)/kernel$", (None, None, "model", None)),  # [L, D, N, H]
+    (r"^layers/attn/(q|k|v)/bias$", (None, "model", None)),  # [L, N, H]
+    (r"^layers/attn/o/kernel$", (None, "model", None, None)),  # [L, N, H, D]
+    (r"^layers/mlp/(gate|up)/kernel$", (None, None, "model")),  # [L, D, F]
+    (r"^layers/mlp/(gate|up)/bias$", (None, "model")),  # [L, F]
+    (r"^layers/mlp/down/kernel$", (None, "model", None)),  # [L, F, D]
+)
+
+
+def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
+    """A (data, model) mesh over `devices` (default: all); `data` defaults to the rest."""
+    devices = list(devices if devices is not None else jax.devices())
+    if data is None:
+        data = len(devices) // model
+    if data * model != len(devices):
+        raise ValueError(f"mesh data={data} x model={model} does not use the {len(devices)} devices")
+    grid = np.asarray(devices).reshape(data, model)
+    return Mesh(grid, ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def default_mesh() -> Mesh:
+    return make_mesh(data=1, model=1, devices=jax.devices()[:1])
+
+
+def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The rule's spec for `path`, with any axis that does not divide its dimension dropped."""
+    for pattern, spec in PARTITION_RULES:
+        if re.match(pattern, path):
+            return P(*(a if a is None or shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(spec)))
+    return P()
+
+
+def param_sharding(path: str, shape, mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, param_spec(path, tuple(shape), mesh))
+
+
+def params_shardings(shapes, mesh: Mesh):
+    """A pytree of NamedShardings matching a params pytree (of arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: param_sharding(path_str(kp), leaf.shape, mesh), shapes
+    )
+
+
+def batch_sharding(mesh: Mesh, batch: int) -> NamedSharding:
+    """[B, ...] inputs split over `data` when it divides the batch, else replicated."""
+    return NamedSharding(mesh, P("data") if batch % mesh.shape["data"] == 0 else P())
+
+
+def path_str(key_path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in key_path)
