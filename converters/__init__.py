@@ -26,13 +26,13 @@ import numpy as np
 
 from jaxlens.config import ConfigError, ModelConfig, resolve_dtype
 from jaxlens.converters.families import Family, family_for
+from jaxlens.converters.orbax_io import CONFIG_FILE, restore
 from jaxlens.converters.safetensors_io import CheckpointError, SafetensorsSource
 from jaxlens.models import param_shapes
 from jaxlens.sharding import default_mesh, param_sharding
 
 __all__ = ["CheckpointError", "ConfigError", "load_checkpoint", "load_params", "open_source"]
 
-JAXLENS_CONFIG = "jaxlens_config.json"
 
 
 def open_source(src: str | os.PathLike, allow_pickle: bool = False):
@@ -144,8 +144,11 @@ def load_params(source, family: Family, config: ModelConfig, dtype="float32", me
 
 def _read(source, rule, config, i, shape, dtype) -> np.ndarray:
     name = rule.hf.format(i=i)
-    host = rule.transform(np.asarray(source.get(name)), config)
-    if tuple(host.shape) != tuple(shape):
+    try:
+        host = rule.transform(np.asarray(source.get(name)), config)
+    except ValueError:  # a reshape that cannot fit: the same mismatch as below
+        host = None
+    if host is None or tuple(host.shape) != tuple(shape):
         raise CheckpointError(
             f"tensor {name!r} has shape {tuple(source.shape(name))}, which does not fit the config "
             f"(expected {tuple(shape)} after conversion); is the config.json from the same model?"
@@ -176,9 +179,7 @@ def load_checkpoint(src, dtype="float32", mesh=None, allow_pickle: bool = False)
     """(ModelConfig, params) from any supported source; see the module docstring."""
     resolve_dtype(dtype)  # fail on a bad dtype before reading anything
     path = Path(src)
-    if (path / JAXLENS_CONFIG).exists():
-        from jaxlens.converters.orbax_io import restore
-
+    if (path / CONFIG_FILE).exists():
         return restore(path, dtype=dtype, mesh=mesh)
     source, hf_config = open_source(src, allow_pickle=allow_pickle)
     family = family_for(hf_config)

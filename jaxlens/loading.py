@@ -18,10 +18,11 @@ def load(src, dtype="float32", mesh=None, tokenizer=None, allow_pickle: bool = F
 
     mesh = mesh or default_mesh()
     config, params = load_checkpoint(src, dtype=dtype, mesh=mesh, allow_pickle=allow_pickle)
-    return Model(config, params, _tokenizer(src, tokenizer), mesh)
+    return Model(config, params, load_tokenizer(src, tokenizer), mesh)
 
 
-def _tokenizer(src, tokenizer):
+def load_tokenizer(src, tokenizer=None):
+    """A tokenizer object, a path/hub id to load one from, or None for the checkpoint's own."""
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         return tokenizer
     from transformers import AutoTokenizer

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-init transformers checkpoints saved to disk (the real load path)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(os.environ.get("JAXLENS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+_COMMON = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64,
+)
+
+# Small windows and mixed layer types so sliding attention is exercised at test lengths (T=12).
+TINY_CONFIGS = {
+    "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+    "mistral": dict(sliding_window=5),
+    "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                  layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
+    "qwen3": dict(),
+    "gemma3_text": dict(sliding_window=5, query_pre_attn_scalar=24,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        rope_scaling={"rope_type": "linear", "factor": 2.0}),
+}
+
+
+def build_hf_model(model_type: str, seed: int = 0, **overrides):
+    """A random-init transformers model with non-trivial norm weights (zeros/ones hide bugs)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **{**_COMMON, **TINY_CONFIGS[model_type], **overrides})
+    config._attn_implementation = "eager"  # so output_attentions returns the probabilities
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(model_type) -> (hf_model, directory) saved with save_pretrained."""
+    cache = {}
+
+    def make(model_type: str):
+        if model_type not in cache:
+            model = build_hf_model(model_type)
+            directory = tmp_path_factory.mktemp(model_type)
+            model.save_pretrained(directory)
+            cache[model_type] = (model, directory)
+        return cache[model_type]
+
+    return make
+
+
+def random_tokens(seed: int, shape, vocab: int = 128) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=shape).astype(np.int32)

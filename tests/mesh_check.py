@@ -1,0 +1,32 @@
+"""Run under XLA_FLAGS=--xla_force_host_platform_device_count=8 (see test_sharding.py).
+
+Loads a checkpoint on one device and on a (data=4, model=2) mesh, and checks the sharded run gives
+the same logits and residuals, with params and batch really split across devices.
+"""
+
+import sys
+
+import jax
+import numpy as np
+
+import jaxlens
+
+directory = sys.argv[1]
+assert jax.device_count() == 8, jax.devices()
+tokens = np.random.default_rng(0).integers(0, 128, size=(8, 12)).astype(np.int32)
+mask = np.ones_like(tokens)
+mask[::2, :5] = 0  # left padding on half the rows
+
+single = jaxlens.load(directory, mesh=jaxlens.make_mesh(1, 1, devices=jax.devices()[:1]))
+mesh = jaxlens.make_mesh(data=4, model=2)
+sharded = jaxlens.load(directory, mesh=mesh)
+
+q = sharded.params["layers"]["attn"]["q"]["kernel"]
+assert q.sharding.spec[2] == "model" and len(q.sharding.device_set) == 8, q.sharding
+ref_logits, ref_sites = single(tokens, mask, capture=("resid_post",))
+logits, sites = sharded(tokens, mask, capture=("resid_post",))
+assert len(logits.sharding.device_set) == 8
+diff = max(float(np.abs(np.asarray(logits) - np.asarray(ref_logits)).max()),
+           float(np.abs(np.asarray(sites["resid_post"]) - np.asarray(ref_sites["resid_post"])).max()))
+print(f"max abs diff 1 vs 8 devices: {diff:.3g}")
+assert diff < 1e-5, diff

@@ -1,0 +1,38 @@
+"""The same program on 8 forced host devices gives the same numbers as on one; orbax round trip."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxlens
+from jaxlens import cli
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_eight_devices_match_one(tiny_checkpoint, model_type):
+    _, directory = tiny_checkpoint(model_type)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    script = Path(__file__).with_name("mesh_check.py")
+    run = subprocess.run([sys.executable, str(script), str(directory)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "max abs diff 1 vs 8 devices" in run.stdout
+
+
+def test_convert_then_restore_equals_direct_load(tiny_checkpoint, tmp_path):
+    _, directory = tiny_checkpoint("qwen3")
+    out = tmp_path / "converted"
+    assert cli.main(["convert", str(directory), str(out)]) == 0
+    assert not (tmp_path / "converted.partial").exists()
+    direct = jaxlens.load(directory)
+    restored = jaxlens.load(out)
+    assert restored.config == direct.config
+    tokens = np.random.default_rng(3).integers(0, 128, size=(2, 9))
+    np.testing.assert_array_equal(np.asarray(restored(tokens)[0]), np.asarray(direct(tokens)[0]))
+    # Converting onto an existing directory is refused, not merged.
+    assert cli.main(["convert", str(directory), str(out)]) == 2
