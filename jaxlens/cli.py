@@ -2,6 +2,7 @@
 
   jaxlens lens    [--model M] [--prompt TEXT] [--top-k K] [--out FILE]   text logit lens
   jaxlens convert SRC OUT [--dtype D] [--allow-pickle]                   checkpoint -> orbax
+  jaxlens families                                                       supported model families
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ def _convert(args) -> int:
     return 0
 
 
+def _families(args) -> int:
+    from jaxlens.converters.families import families
+
+    print("family    model_type(s)     module")
+    for family in families():
+        print(f"{family.name:<9} {', '.join(family.model_types):<17} {family.config.__module__}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="float32")
     convert.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle checkpoints (runs code from the file)")
     convert.set_defaults(run=_convert)
+
+    sub.add_parser("families", help="list the supported model families").set_defaults(run=_families)
     return parser
 
 

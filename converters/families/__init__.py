@@ -44,13 +44,12 @@ class Family:
 _MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
+def families() -> list[Family]:
+    return [importlib.import_module(f"{__name__}.{module}").FAMILY for module in _MODULES]
+
+
 def _registry() -> dict[str, Family]:
-    table = {}
-    for module in _MODULES:
-        family: Family = importlib.import_module(f"{__name__}.{module}").FAMILY
-        for model_type in family.model_types:
-            table[model_type] = family
-    return table
+    return {model_type: family for family in families() for model_type in family.model_types}
 
 
 def supported_model_types() -> list[str]:
