@@ -1,0 +1,28 @@
+"""Bundled-data readers. XCOPA lives in ../shared/data/xcopa (CC BY 4.0); users name their own files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+XCOPA_LANGS = ("et", "ht", "id", "it", "qu", "sw", "ta", "th", "tr", "vi", "zh")
+
+
+def xcopa_dir() -> Path:
+    """$JAXLENS_XCOPA, else shared/data/xcopa beside the repo checkout."""
+    env = os.environ.get("JAXLENS_XCOPA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "xcopa"
+    if not (path / "data").is_dir():
+        raise FileNotFoundError(f"XCOPA not found at {path}; set JAXLENS_XCOPA to the xcopa directory")
+    return path
+
+
+def xcopa(lang: str, split: str = "val", english: bool = False) -> list[dict]:
+    """Items of one language; english=True gives the machine-translated English side (same idx)."""
+    if lang not in XCOPA_LANGS:
+        raise ValueError(f"XCOPA has no language {lang!r}; it has {', '.join(XCOPA_LANGS)}")
+    sub = "data-gmt" if english else "data"
+    path = xcopa_dir() / sub / lang / f"{split}.{lang}.jsonl"
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
