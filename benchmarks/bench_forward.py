@@ -5,11 +5,12 @@
 One run, same machine, same weights (the GGUF dequantized by each side), same tokens:
   * forward: jaxlens `capture=("resid_post",)` vs transformers `output_hidden_states=True`
     (torch.no_grad, float32): tokens/s and peak extra RSS, each in a fresh subprocess;
-  * a bare float32 matmul of the same FLOPs (2 x params x tokens) in JAX and in torch: the
-    measured peak; the forward is reported as a fraction of it;
+  * bare float32 matmuls in JAX and in torch, a square one of the same FLOPs (2 x params x
+    tokens) and the forward's own [tokens, d] x [d, d_ff | vocab] shapes: the best is the
+    measured peak, and the forward is reported as a fraction of it;
   * loading: jaxlens GGUF -> params, jaxlens restore of a `jaxlens convert` output, and
     transformers' GGUF load: wall time and peak RSS, each in a fresh subprocess.
-Results go to stdout and benchmarks/results/forward.json.
+Results go to stdout and benchmarks/results/forward-MODEL.json.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def job_forward_jaxlens(model, batch, length, repeats):
     n_params = sum(p.size for p in jax.tree.leaves(m.params))
     base = rss_mb()
     t = _timed(lambda: jax.block_until_ready(m(tokens, capture=("resid_post",))), repeats)
-    return {"seconds": t, "params": int(n_params), "peak_extra_mb": peak_rss_mb() - base}
+    c = m.config
+    shapes = [(batch * length, c.d_model, c.d_ff), (batch * length, c.d_model, c.vocab_size)]
+    return {"seconds": t, "params": int(n_params), "peak_extra_mb": peak_rss_mb() - base, "matmul_shapes": shapes}
 
 
 def job_forward_transformers(model, batch, length, repeats):
@@ -80,8 +83,9 @@ def job_forward_transformers(model, batch, length, repeats):
     return {"seconds": _timed(run, repeats), "peak_extra_mb": peak_rss_mb() - base, "threads": torch.get_num_threads()}
 
 
-def job_matmul(flops, repeats):
-    """Square float32 matmul of about `flops` operations, in JAX and in torch: best GFLOP/s."""
+def job_matmul(flops, shapes, repeats):
+    """Bare float32 matmuls in JAX and torch: the square one of about `flops` operations and the
+    forward's own [tokens, d] x [d, n] shapes. The best GFLOP/s of all is the measured peak."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -89,14 +93,18 @@ def job_matmul(flops, repeats):
 
     n = int(round((flops / 2) ** (1 / 3)))
     rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    ja, jb = jnp.asarray(a), jnp.asarray(b)
     mm = jax.jit(jnp.matmul)
-    t_jax = _timed(lambda: mm(ja, jb).block_until_ready(), repeats)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    t_torch = _timed(lambda: ta @ tb, repeats)
-    f = 2 * n**3
-    return {"n": n, "jax_gflops": f / t_jax / 1e9, "torch_gflops": f / t_torch / 1e9}
+    out = {}
+    for m, k, n_ in [(n, n, n)] + [tuple(s) for s in shapes]:
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n_), dtype=np.float32)
+        ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+        f = 2 * m * k * n_
+        out[f"{m}x{k}x{n_}"] = {
+            "jax_gflops": f / _timed(lambda: mm(ja, jb).block_until_ready(), repeats) / 1e9,
+            "torch_gflops": f / _timed(lambda: ta @ tb, repeats) / 1e9,
+        }
+    return out
 
 
 def job_load_jaxlens(model):
@@ -125,7 +133,7 @@ def job_restore_jaxlens(directory):
 
 
 def job_load_transformers(model):
-    import torch  # noqa: F401  (import cost outside the timing, like jax above)
+    import torch  # noqa: F401  (import cost outside the timing, like jax's above)
     import transformers  # noqa: F401
 
     base = rss_mb()
@@ -166,15 +174,15 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=str(HERE / "results" / "forward.json"))
+    parser.add_argument("--out", help="default: benchmarks/results/forward-MODEL.json")
     args = parser.parse_args()
     tokens = args.batch * args.length
 
     jl = child("job_forward_jaxlens", args.model, args.batch, args.length, args.repeats)
     hf = child("job_forward_transformers", args.model, args.batch, args.length, args.repeats)
     flops = 2 * jl["params"] * tokens
-    mm = child("job_matmul", flops, args.repeats)
-    peak = max(mm["jax_gflops"], mm["torch_gflops"])
+    mm = child("job_matmul", flops, jl["matmul_shapes"], args.repeats)
+    peak = max(max(r.values()) for r in mm.values())
     load_jl = child("job_load_jaxlens", args.model)
     load_hf = child("job_load_transformers", args.model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -211,8 +219,9 @@ def main():
             "transformers_gguf_peak_extra_mb": load_hf["peak_extra_mb"],
         },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    out = Path(args.out or HERE / "results" / f"forward-{args.model}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 

@@ -123,23 +123,39 @@ def load_params(source, family: Family, config: ModelConfig, dtype="float32", me
             f"{unexpected[:3]}; the config does not describe these weights (wrong model_type or options?)"
         )
 
-    params: dict = {}
+    groups: dict[tuple[str, ...], list] = {}  # params path -> the rules that fill it (2 when fused)
     for rule in rules:
-        target = _get_path(shapes, rule.path)
-        path = "/".join(rule.path)
-        sharding = param_sharding(path, target.shape, mesh)
-        if rule.per_layer:
+        groups.setdefault(rule.path, []).append(rule)
+    params: dict = {}
+    for path, group in groups.items():
+        target = _get_path(shapes, path)
+        sharding = param_sharding("/".join(path), target.shape, mesh)
+        if group[0].per_layer:
             # One layer has the stacked spec minus its leading [L] axis.
             layer_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
             array = _zeros(tuple(target.shape), dtype, sharding)()
             for i in range(config.n_layers):
-                host = _read(source, rule, config, i, target.shape[1:], dtype)
+                host = _assemble(source, group, config, i, target.shape[1:], dtype)
                 array = _set_layer_fn(sharding)(array, jax.device_put(host, layer_sharding), i)
         else:
-            array = jax.device_put(_read(source, rule, config, None, target.shape, dtype), sharding)
-        _set_path(params, rule.path, array)
+            array = jax.device_put(_assemble(source, group, config, None, target.shape, dtype), sharding)
+        _set_path(params, path, array)
     _check_complete(params, shapes)
     return params
+
+
+def _assemble(source, group, config, i, shape, dtype) -> np.ndarray:
+    """One param (one layer of it) from its rule, or from the rules filling its fused slots."""
+    if len(group) == 1 and group[0].slot is None:
+        return _read(source, group[0], config, i, shape, dtype)
+    host = np.empty(shape, dtype)
+    for rule in group:
+        axis, index = rule.slot
+        where = [slice(None)] * len(shape)
+        where[axis] = index
+        host[tuple(where)] = _read(source, rule, config, i, shape[:axis] + shape[axis + 1 :], dtype)
+    assert len(group) == shape[group[0].slot[0]], f"fused param {group[0].path} has unfilled slots"
+    return host
 
 
 def _read(source, rule, config, i, shape, dtype) -> np.ndarray:

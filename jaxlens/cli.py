@@ -23,10 +23,9 @@ def _lens(args) -> int:
 
     import jaxlens
     from jaxlens.kernels.lens import lens_topk
-    from jaxlens.zoo import resolve_model
 
     t0 = time.perf_counter()
-    model = jaxlens.load(resolve_model(args.model), dtype=args.dtype)
+    model = jaxlens.load(args.model, dtype=args.dtype)
     print(f"loaded {args.model} ({model.config.family}, {model.config.n_layers} layers) in {time.perf_counter() - t0:.1f}s")
     tokens, mask = model.encode([args.prompt])
     _, sites = model(tokens, mask, capture=("resid_post",))

@@ -6,16 +6,18 @@ from pathlib import Path
 
 from jaxlens.model import Model
 from jaxlens.sharding import default_mesh
+from jaxlens.zoo import resolve_model
 
 
 def load(src, dtype="float32", mesh=None, tokenizer=None, allow_pickle: bool = False) -> Model:
-    """Load a checkpoint (HF dir, hub id, .gguf, or a `jaxlens convert` output) as a `Model`.
+    """Load a checkpoint (alias, HF dir, hub id, .gguf, or a `jaxlens convert` output) as a `Model`.
 
     tokenizer: a transformers tokenizer, a path/hub id to load one from, or None to take the
     checkpoint's own (HF files next to the weights, or the GGUF metadata).
     """
     from jaxlens.converters import load_checkpoint
 
+    src = resolve_model(src) if isinstance(src, str) else src
     mesh = mesh or default_mesh()
     config, params = load_checkpoint(src, dtype=dtype, mesh=mesh, allow_pickle=allow_pickle)
     return Model(config, params, load_tokenizer(src, tokenizer), mesh)

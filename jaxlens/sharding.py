@@ -20,8 +20,10 @@ PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
     (r"^layers/attn/(q|k|v)/kernel$", (None, None, "model", None)),  # [L, D, N, H]
     (r"^layers/attn/(q|k|v)/bias$", (None, "model", None)),  # [L, N, H]
     (r"^layers/attn/o/kernel$", (None, "model", None, None)),  # [L, N, H, D]
-    (r"^layers/mlp/(gate|up)/kernel$", (None, None, "model")),  # [L, D, F]
-    (r"^layers/mlp/(gate|up)/bias$", (None, "model")),  # [L, F]
+    (r"^layers/mlp/gate_up/kernel$", (None, None, None, "model")),  # [L, D, 2, F]
+    (r"^layers/mlp/gate_up/bias$", (None, None, "model")),  # [L, 2, F]
+    (r"^layers/mlp/up/kernel$", (None, None, "model")),  # [L, D, F] (ungated MLPs)
+    (r"^layers/mlp/up/bias$", (None, "model")),  # [L, F]
     (r"^layers/mlp/down/kernel$", (None, "model", None)),  # [L, F, D]
 )
 

@@ -25,6 +25,8 @@ class TensorRule:
     hf: str
     path: tuple[str, ...]
     transform: Transform
+    # For fused params (gate_up [D, 2, F]): (axis, index) of the per-layer param this tensor fills.
+    slot: tuple[int, int] | None = None
 
     @property
     def per_layer(self) -> bool:

@@ -131,11 +131,15 @@ def decoder_tensors(cfg: ModelConfig) -> list[TensorRule]:
         TensorRule(layer + "self_attn.k_proj.weight", ("layers", "attn", "k", "kernel"), kv_heads),
         TensorRule(layer + "self_attn.v_proj.weight", ("layers", "attn", "v", "kernel"), kv_heads),
         TensorRule(layer + "self_attn.o_proj.weight", ("layers", "attn", "o", "kernel"), from_heads),
-        TensorRule(layer + "mlp.up_proj.weight", ("layers", "mlp", "up", "kernel"), transpose),
         TensorRule(layer + "mlp.down_proj.weight", ("layers", "mlp", "down", "kernel"), transpose),
     ]
-    if cfg.gated_mlp:
-        rules.append(TensorRule(layer + "mlp.gate_proj.weight", ("layers", "mlp", "gate", "kernel"), transpose))
+    if cfg.gated_mlp:  # gate and up fill the two halves of one fused [D, 2, F] kernel
+        rules += [
+            TensorRule(layer + "mlp.gate_proj.weight", ("layers", "mlp", "gate_up", "kernel"), transpose, slot=(1, 0)),
+            TensorRule(layer + "mlp.up_proj.weight", ("layers", "mlp", "gate_up", "kernel"), transpose, slot=(1, 1)),
+        ]
+    else:
+        rules.append(TensorRule(layer + "mlp.up_proj.weight", ("layers", "mlp", "up", "kernel"), transpose))
     if not cfg.tie_embeddings:
         rules.append(TensorRule("lm_head.weight", ("unembed",), transpose))
     if cfg.qkv_bias:
@@ -147,8 +151,14 @@ def decoder_tensors(cfg: ModelConfig) -> list[TensorRule]:
     if cfg.o_bias:
         rules.append(TensorRule(layer + "self_attn.o_proj.bias", ("layers", "attn", "o", "bias"), same))
     if cfg.mlp_bias:
-        for proj in ("gate", "up", "down") if cfg.gated_mlp else ("up", "down"):
-            rules.append(TensorRule(layer + f"mlp.{proj}_proj.bias", ("layers", "mlp", proj, "bias"), same))
+        rules.append(TensorRule(layer + "mlp.down_proj.bias", ("layers", "mlp", "down", "bias"), same))
+        if cfg.gated_mlp:
+            rules += [
+                TensorRule(layer + "mlp.gate_proj.bias", ("layers", "mlp", "gate_up", "bias"), same, slot=(0, 0)),
+                TensorRule(layer + "mlp.up_proj.bias", ("layers", "mlp", "gate_up", "bias"), same, slot=(0, 1)),
+            ]
+        else:
+            rules.append(TensorRule(layer + "mlp.up_proj.bias", ("layers", "mlp", "up", "bias"), same))
     if cfg.qk_norm:
         rules += [
             TensorRule(layer + "self_attn.q_norm.weight", ("layers", "attn", "q_norm", "scale"), same),
