@@ -5,9 +5,10 @@
 One run, same machine, same weights (the GGUF dequantized by each side), same tokens:
   * forward: jaxlens `capture=("resid_post",)` vs transformers `output_hidden_states=True`
     (torch.no_grad, float32): tokens/s and peak extra RSS, each in a fresh subprocess;
-  * bare float32 matmuls in JAX and in torch, a square one of the same FLOPs (2 x params x
-    tokens) and the forward's own [tokens, d] x [d, d_ff | vocab] shapes: the best is the
-    measured peak, and the forward is reported as a fraction of it;
+  * bare float32 matmuls, interleaved round-robin with the forward in the same process (JAX in
+    jaxlens's, torch in transformers'): a square one of the forward's FLOPs (2 x params x tokens)
+    and the forward's own [tokens, d] x [d, 2*d_ff | vocab] shapes. Each forward is reported as a
+    fraction of the best of them (the measured peak) and of the same-FLOPs square one;
   * loading: jaxlens GGUF -> params, jaxlens restore of a `jaxlens convert` output, and
     transformers' GGUF load: wall time and peak RSS, each in a fresh subprocess.
 Results go to stdout and benchmarks/results/forward-MODEL.json.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,17 +35,61 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS since the process started, or since the last `reset_peak_rss`."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _first_call_memory(call) -> float:
+    """Peak extra RSS of `call`, the first execution in this process (a warm-up would leave its
+    freed buffers resident, hiding the next call's allocations from RSS)."""
+    reset_peak_rss()
+    base = rss_mb()
+    call()
+    return peak_rss_mb() - base
+
+
+def _timed(fns: dict, repeats: int) -> dict:
+    """Best wall time of each function, run round-robin so machine noise hits all of them alike."""
+    for fn in fns.values():
+        fn()  # compile / warm up
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def _matmuls(shapes, make, mm, block) -> dict:
+    """{'MxKxN': (flops, fn)} bare float32 matmuls on fresh random operands."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for m, k, n in shapes:
+        a = make(rng.standard_normal((m, k), dtype=np.float32))
+        b = make(rng.standard_normal((k, n), dtype=np.float32))
+        out[f"{m}x{k}x{n}"] = (2 * m * k * n, lambda a=a, b=b: block(mm(a, b)))
+    return out
+
+
+def _shapes(flops, tokens, d_model, d_ff, vocab):
+    """A square matmul of the forward's FLOPs, and the forward's own [tokens, d] x [d, n] shapes."""
+    n = int(round((flops / 2) ** (1 / 3)))
+    return [(n, n, n), (tokens, d_model, 2 * d_ff), (tokens, d_model, vocab)]
+
+
+def _run_with_matmuls(forward, matmuls, repeats) -> dict:
+    best = _timed({"forward": forward, **{k: fn for k, (_, fn) in matmuls.items()}}, repeats)
+    return {"seconds": best["forward"], "matmul_gflops": {k: f / best[k] / 1e9 for k, (f, _) in matmuls.items()}}
 
 
 # ---- child jobs: each runs in its own process so peak RSS is its own -------------------------
@@ -53,58 +97,43 @@ def _timed(fn, repeats: int) -> float:
 
 def job_forward_jaxlens(model, batch, length, repeats):
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     import jaxlens
-    from jaxlens.zoo import resolve_model
+    from jaxlens.models import _forward
 
-    m = jaxlens.load(resolve_model(model))
-    tokens = np.random.default_rng(0).integers(0, m.config.vocab_size, (batch, length)).astype(np.int32)
-    n_params = sum(p.size for p in jax.tree.leaves(m.params))
-    base = rss_mb()
-    t = _timed(lambda: jax.block_until_ready(m(tokens, capture=("resid_post",))), repeats)
+    m = jaxlens.load(model)
     c = m.config
-    shapes = [(batch * length, c.d_model, c.d_ff), (batch * length, c.d_model, c.vocab_size)]
-    return {"seconds": t, "params": int(n_params), "peak_extra_mb": peak_rss_mb() - base, "matmul_shapes": shapes}
+    tokens = np.random.default_rng(0).integers(0, c.vocab_size, (batch, length)).astype(np.int32)
+    n_params = sum(p.size for p in jax.tree.leaves(m.params))
+    flops = 2 * n_params * batch * length
+    # Compile ahead of time, so the measured first execution holds buffers, not the compiler.
+    inputs = jax.device_put((tokens, np.ones_like(tokens)))
+    compiled = _forward.lower(m.params, *inputs, c, ("resid_post",)).compile()
+    xla = compiled.memory_analysis()
+    memory = _first_call_memory(lambda: jax.block_until_ready(compiled(m.params, *inputs)))
+    forward = lambda: jax.block_until_ready(m(tokens, capture=("resid_post",)))  # noqa: E731
+    matmuls = _matmuls(_shapes(flops, batch * length, c.d_model, c.d_ff, c.vocab_size), jnp.asarray, jax.jit(jnp.matmul), jax.block_until_ready)
+    xla_mb = (xla.temp_size_in_bytes + xla.output_size_in_bytes) / 2**20
+    return {**_run_with_matmuls(forward, matmuls, repeats), "flops": flops, "peak_extra_mb": memory, "xla_temp_plus_output_mb": xla_mb}
 
 
-def job_forward_transformers(model, batch, length, repeats):
+def job_forward_transformers(model, batch, length, flops, repeats):
     import numpy as np
     import torch
 
     hf = _hf_model(model)
-    tokens = torch.tensor(np.random.default_rng(0).integers(0, hf.config.vocab_size, (batch, length)))
-    base = rss_mb()
+    c = hf.config
+    tokens = torch.tensor(np.random.default_rng(0).integers(0, c.vocab_size, (batch, length)))
 
-    def run():
+    def forward():
         with torch.no_grad():
             hf(tokens, output_hidden_states=True)
 
-    return {"seconds": _timed(run, repeats), "peak_extra_mb": peak_rss_mb() - base, "threads": torch.get_num_threads()}
-
-
-def job_matmul(flops, shapes, repeats):
-    """Bare float32 matmuls in JAX and torch: the square one of about `flops` operations and the
-    forward's own [tokens, d] x [d, n] shapes. The best GFLOP/s of all is the measured peak."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
-
-    n = int(round((flops / 2) ** (1 / 3)))
-    rng = np.random.default_rng(0)
-    mm = jax.jit(jnp.matmul)
-    out = {}
-    for m, k, n_ in [(n, n, n)] + [tuple(s) for s in shapes]:
-        a = rng.standard_normal((m, k), dtype=np.float32)
-        b = rng.standard_normal((k, n_), dtype=np.float32)
-        ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
-        f = 2 * m * k * n_
-        out[f"{m}x{k}x{n_}"] = {
-            "jax_gflops": f / _timed(lambda: mm(ja, jb).block_until_ready(), repeats) / 1e9,
-            "torch_gflops": f / _timed(lambda: ta @ tb, repeats) / 1e9,
-        }
-    return out
+    memory = _first_call_memory(forward)  # torch has nothing to compile
+    matmuls = _matmuls(_shapes(flops, batch * length, c.hidden_size, c.intermediate_size, c.vocab_size), torch.from_numpy, torch.matmul, lambda x: x)
+    return {**_run_with_matmuls(forward, matmuls, repeats), "peak_extra_mb": memory, "threads": torch.get_num_threads()}
 
 
 def job_load_jaxlens(model):
@@ -113,6 +142,7 @@ def job_load_jaxlens(model):
     from jaxlens.converters import load_checkpoint
     from jaxlens.zoo import resolve_model
 
+    reset_peak_rss()
     base = rss_mb()
     t0 = time.perf_counter()
     _, params = load_checkpoint(resolve_model(model))
@@ -125,6 +155,7 @@ def job_restore_jaxlens(directory):
 
     from jaxlens.converters import load_checkpoint
 
+    reset_peak_rss()
     base = rss_mb()
     t0 = time.perf_counter()
     _, params = load_checkpoint(directory)
@@ -136,6 +167,7 @@ def job_load_transformers(model):
     import torch  # noqa: F401  (import cost outside the timing, like jax's above)
     import transformers  # noqa: F401
 
+    reset_peak_rss()
     base = rss_mb()
     t0 = time.perf_counter()
     _hf_model(model)
@@ -143,6 +175,7 @@ def job_load_transformers(model):
 
 
 def _hf_model(model):
+    """transformers' own GGUF load of the same file (it dequantizes independently of jaxlens)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -152,7 +185,7 @@ def _hf_model(model):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
-JOBS = {f.__name__: f for f in [job_forward_jaxlens, job_forward_transformers, job_matmul, job_load_jaxlens, job_restore_jaxlens, job_load_transformers]}
+JOBS = {f.__name__: f for f in [job_forward_jaxlens, job_forward_transformers, job_load_jaxlens, job_restore_jaxlens, job_load_transformers]}
 
 
 def child(name: str, *args) -> dict:
@@ -179,10 +212,10 @@ def main():
     tokens = args.batch * args.length
 
     jl = child("job_forward_jaxlens", args.model, args.batch, args.length, args.repeats)
-    hf = child("job_forward_transformers", args.model, args.batch, args.length, args.repeats)
-    flops = 2 * jl["params"] * tokens
-    mm = child("job_matmul", flops, jl["matmul_shapes"], args.repeats)
-    peak = max(max(r.values()) for r in mm.values())
+    flops = jl["flops"]
+    hf = child("job_forward_transformers", args.model, args.batch, args.length, flops, args.repeats)
+    # Each side's fraction is of the best bare matmul timed in its own process, interleaved with it.
+    jl_peak, hf_peak = max(jl["matmul_gflops"].values()), max(hf["matmul_gflops"].values())
     load_jl = child("job_load_jaxlens", args.model)
     load_hf = child("job_load_transformers", args.model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,13 +234,15 @@ def main():
             "jaxlens_peak_extra_mb": jl["peak_extra_mb"],
             "transformers_peak_extra_mb": hf["peak_extra_mb"],
             "memory_ratio": jl["peak_extra_mb"] / max(hf["peak_extra_mb"], 1e-9),
+            "jaxlens_xla_temp_plus_output_mb": jl["xla_temp_plus_output_mb"],
             "flops": flops,
             "jaxlens_gflops": flops / jl["seconds"] / 1e9,
             "transformers_gflops": flops / hf["seconds"] / 1e9,
-            "matmul_peak_gflops": peak,
-            "matmul": mm,
-            "jaxlens_fraction_of_peak": flops / jl["seconds"] / 1e9 / peak,
-            "transformers_fraction_of_peak": flops / hf["seconds"] / 1e9 / peak,
+            "jax_matmul_gflops": jl["matmul_gflops"],
+            "torch_matmul_gflops": hf["matmul_gflops"],
+            "jaxlens_fraction_of_best_jax_matmul": flops / jl["seconds"] / 1e9 / jl_peak,
+            "jaxlens_fraction_of_same_flops_square_jax_matmul": flops / jl["seconds"] / 1e9 / list(jl["matmul_gflops"].values())[0],
+            "transformers_fraction_of_best_torch_matmul": flops / hf["seconds"] / 1e9 / hf_peak,
             "torch_threads": hf["threads"],
         },
         "load": {
