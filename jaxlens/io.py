@@ -1,0 +1,63 @@
+"""Results on disk: written whole or not at all, never unpickled.
+
+Every command writes through these: a run that dies leaves no half-written result, only a
+`*.partial` sibling that the next run clears. Arrays go to `.npz` (loaded with allow_pickle=False).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+def write_json(path, obj) -> Path:
+    """JSON (UTF-8, non-ASCII kept) written to a sibling and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def write_arrays(path, **arrays) -> Path:
+    """Named numpy arrays as one .npz, written to a sibling and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    tmp.replace(path)
+    return path
+
+
+def read_arrays(path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+@contextlib.contextmanager
+def output_dir(out, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh `OUT.partial` directory; on success it replaces OUT, on failure it is removed.
+
+    An existing OUT is refused unless overwrite=True (then replaced only once the new one is whole).
+    """
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose a new output directory or pass --overwrite")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
