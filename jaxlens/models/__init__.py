@@ -21,30 +21,36 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jaxlens.config import ModelConfig
 from jaxlens.models.rope import rope_tables
 from jaxlens.models.transformer import REDUCED, REDUCED_PREFIX, Transformer
 from jaxlens.sites import LAYER_SITES, SITES, check_sites
 
-__all__ = ["forward", "init_params", "param_shapes", "Transformer"]
+__all__ = ["KVCache", "forward", "forward_cached", "init_params", "param_shapes", "Transformer"]
 
 
-def _shared_inputs(cfg: ModelConfig, attention_mask, interventions=None, reducers=None):
+def _shared_inputs(cfg: ModelConfig, attention_mask, interventions=None, reducers=None, past_mask=None):
     """Rope tables and boolean masks for global and sliding layers, computed once per call, and
-    what every layer site reads (the mask, the interventions, the reducers)."""
-    mask = attention_mask.astype(bool)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)  # [B,T]
+    what every layer site reads (the mask, the interventions, the reducers).
+
+    past_mask [B, S0]: the attention mask of earlier tokens whose keys/values are given (a KV
+    prefix); the T new tokens then sit at positions after them and attend to them too.
+    """
+    new = attention_mask.astype(bool)  # [B,T]
+    full = new if past_mask is None else jnp.concatenate([past_mask.astype(bool), new], axis=-1)  # [B,S]
+    T, S = new.shape[-1], full.shape[-1]
+    positions = jnp.maximum(jnp.cumsum(full, axis=-1) - 1, 0)[:, S - T :]  # [B,T]
     cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions)
     if cfg.rope_local is not None:
         cos_local, sin_local = rope_tables(cfg.rope_local, cfg.head_dim, positions)
     else:
         cos_local, sin_local = cos, sin
-    T = mask.shape[-1]
-    q_idx = jnp.arange(T)[:, None]
-    k_idx = jnp.arange(T)[None, :]
-    causal = (k_idx <= q_idx)[None] & mask[:, None, :]  # [B,T,S]
-    window = cfg.sliding_window if cfg.sliding_window is not None else T + 1
+    q_idx = jnp.arange(S - T, S)[:, None]
+    k_idx = jnp.arange(S)[None, :]
+    causal = (k_idx <= q_idx)[None] & full[:, None, :]  # [B,T,S]
+    window = cfg.sliding_window if cfg.sliding_window is not None else S + 1
     local = causal & (q_idx - k_idx < window)[None]
     expand = lambda m: m[:, None, None]  # [B,1,1,T,S] broadcast over kv heads and groups  # noqa: E731
     return {
@@ -72,15 +78,23 @@ def check_tokens(cfg: ModelConfig, tokens) -> None:
         )
 
 
-@partial(jax.jit, static_argnames=("config", "capture"))
-def _forward(params, tokens, attention_mask, config: ModelConfig, capture: tuple[str, ...], interventions=None, reducers=None):
-    shared = _shared_inputs(config, attention_mask, interventions, reducers)
+@partial(jax.jit, static_argnames=("config", "capture", "return_kv"))
+def _forward(params, tokens, attention_mask, config: ModelConfig, capture: tuple[str, ...], interventions=None,
+             reducers=None, past: KVCache | None = None, return_kv: bool = False):
+    shared = _shared_inputs(config, attention_mask, interventions, reducers, None if past is None else past.mask)
     mutable = [s for s in capture if s != "logits"] + ([REDUCED] if reducers else [])
-    logits, state = Transformer(config).apply({"params": params}, tokens, shared, mutable=mutable)
+    model = Transformer(config, return_kv=return_kv)
+    out, state = model.apply({"params": params}, tokens, shared, None if past is None else (past.k, past.v), mutable=mutable)
+    logits, kv = out if return_kv else (out, None)
     sites = {name: logits if name == "logits" else _find(state[name], name) for name in capture}
     for name in reducers or {}:
         sites[name] = _find_key(state[REDUCED], REDUCED_PREFIX + name)
-    return logits, sites
+    if not return_kv:
+        return logits, sites
+    if past is not None:  # the cache covers the earlier tokens and these
+        kv = tuple(jnp.concatenate([p.astype(n.dtype), n], axis=2) for p, n in zip((past.k, past.v), kv))
+        attention_mask = jnp.concatenate([past.mask, attention_mask.astype(past.mask.dtype)], axis=-1)
+    return logits, sites, KVCache(kv[0], kv[1], attention_mask)
 
 
 def _find(tree, name):
@@ -101,6 +115,15 @@ def _find_key(tree: dict, key: str):
     return None
 
 
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for S tokens (after rope), and their attention mask."""
+
+    k: jnp.ndarray  # [L, B, S, K, H]
+    v: jnp.ndarray  # [L, B, S, K, H]
+    mask: jnp.ndarray  # [B, S]
+
+
 def check_reducers(reducers) -> dict:
     if not reducers:
         return {}
@@ -116,17 +139,36 @@ def check_reducers(reducers) -> dict:
     return dict(reducers)
 
 
-def forward(params, tokens, attention_mask=None, *, config: ModelConfig, capture=(), interventions=None, reducers=None):
-    """Run the model; returns (logits [B,T,V] float32, {site or reducer name: array})."""
+def _check_inputs(config, tokens, attention_mask):
     tokens = jnp.asarray(tokens, dtype=jnp.int32)
     check_tokens(config, tokens)
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, dtype=jnp.int32)
     elif attention_mask.shape != tokens.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape {tuple(tokens.shape)}")
-    return _forward(
-        params, tokens, jnp.asarray(attention_mask), config, check_sites(capture), interventions, check_reducers(reducers)
-    )
+    return tokens, jnp.asarray(attention_mask)
+
+
+def forward(params, tokens, attention_mask=None, *, config: ModelConfig, capture=(), interventions=None, reducers=None):
+    """Run the model; returns (logits [B,T,V] float32, {site or reducer name: array})."""
+    tokens, attention_mask = _check_inputs(config, tokens, attention_mask)
+    return _forward(params, tokens, attention_mask, config, check_sites(capture), interventions, check_reducers(reducers))
+
+
+def forward_cached(params, tokens, attention_mask=None, *, config: ModelConfig, past: KVCache | None = None,
+                   capture=(), interventions=None, reducers=None):
+    """`forward` that also returns the keys/values, and can continue from earlier ones:
+    (logits, sites, KVCache of past + these tokens). Sites, interventions and reducers cover the
+    new tokens only. Continuing a prefix gives the logits of running everything in one pass, at a
+    fraction of the cost when few tokens are new (generation, or re-running one position)."""
+    tokens, attention_mask = _check_inputs(config, tokens, attention_mask)
+    if past is not None:
+        if past.mask.shape[0] != tokens.shape[0]:
+            raise ValueError(f"past cache has batch {past.mask.shape[0]}, tokens have batch {tokens.shape[0]}")
+        if past.mask.shape[1] + tokens.shape[1] > config.max_positions:
+            raise ValueError(f"past ({past.mask.shape[1]}) + new ({tokens.shape[1]}) tokens exceed max_positions={config.max_positions}")
+    return _forward(params, tokens, attention_mask, config, check_sites(capture), interventions,
+                    check_reducers(reducers), past, return_kv=True)
 
 
 def init_params(config: ModelConfig, key, dtype=jnp.float32):

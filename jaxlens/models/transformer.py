@@ -103,8 +103,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
-        """x [B,T,D]; cos/sin [B,T,H/2]; mask [B,1,1,T,S] bool (True = attend)."""
+    def __call__(self, x, cos, sin, mask, past=None):
+        """x [B,T,D]; cos/sin [B,T,H/2]; mask [B,1,1,T,S] bool (True = attend); past: the keys and
+        values of S - T earlier tokens ([B,S-T,K,H] each, after rope) or None (S = T).
+        Returns (out [B,T,D], (k, v) of these T tokens)."""
         c = self.cfg
         G = c.n_heads // c.n_kv_heads
         q = Linear((c.n_heads, c.head_dim), use_bias=c.qkv_bias, name="q")(x)  # [B,T,N,H]
@@ -115,6 +117,9 @@ class Attention(nn.Module):
             k = RMSNorm(c.norm_eps, c.norm_plus_one, name="k_norm")(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        new_kv = (k, v)
+        if past is not None:
+            k, v = (jnp.concatenate([p.astype(n.dtype), n], axis=1) for p, n in zip(past, new_kv))  # [B,S,K,H]
         B, T = q.shape[:2]
         q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim)  # [B,T,K,G,H]
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -124,7 +129,7 @@ class Attention(nn.Module):
         sow(self, "attn_probs", probs.reshape(B, c.n_heads, T, -1))
         ctx = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)  # [B,T,K,G,H]
         ctx = ctx.reshape(B, T, c.n_heads, c.head_dim)
-        return Linear((c.d_model,), in_axes=2, use_bias=c.o_bias, name="o")(ctx)  # [B,T,D]
+        return Linear((c.d_model,), in_axes=2, use_bias=c.o_bias, name="o")(ctx), new_kv  # [B,T,D]
 
 
 class MLP(nn.Module):
@@ -146,14 +151,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer; `nn.scan` stacks it over layers (params get a leading [L] axis)."""
+    """One decoder layer; `nn.scan` stacks it over layers (params get a leading [L] axis).
+    Scanned per layer: (sliding?, index, earlier tokens' keys/values or None); the layer's own
+    keys/values are its scan output when `return_kv`."""
 
     cfg: ModelConfig
+    return_kv: bool = False
 
     @nn.compact
     def __call__(self, x, layer_in, shared):
         c = self.cfg
-        sliding, layer = layer_in  # does this layer use the sliding window? its index
+        sliding, layer, past = layer_in
         ctx = SiteContext(layer, shared["attention_mask"], shared["interventions"], shared["reducers"])
         cos = jnp.where(sliding, shared["cos_local"], shared["cos"])
         sin = jnp.where(sliding, shared["sin_local"], shared["sin"])
@@ -161,7 +169,7 @@ class Block(nn.Module):
         norm = lambda name: RMSNorm(c.norm_eps, c.norm_plus_one, name=name)  # noqa: E731
 
         x = site(self, ctx, "resid_pre", x)
-        attn = Attention(c, name="attn")(norm("attn_norm")(x), cos, sin, mask)
+        attn, kv = Attention(c, name="attn")(norm("attn_norm")(x), cos, sin, mask, past)
         if c.sandwich_norms:
             attn = norm("post_attn_norm")(attn)
         attn = site(self, ctx, "attn_out", attn)
@@ -171,14 +179,18 @@ class Block(nn.Module):
             mlp = norm("post_mlp_norm")(mlp)
         mlp = site(self, ctx, "mlp_out", mlp)
         x = site(self, ctx, "resid_post", x + mlp)
-        return x, None
+        return x, (kv if self.return_kv else None)
 
 
 class Transformer(nn.Module):
+    """tokens [B,T] -> logits [B,T,V]; with `past` ([L,B,S0,K,H] keys and values of S0 earlier
+    tokens) the T tokens continue them. With `return_kv`, returns (logits, their keys/values)."""
+
     cfg: ModelConfig
+    return_kv: bool = False
 
     @nn.compact
-    def __call__(self, tokens, shared):
+    def __call__(self, tokens, shared, past=None):
         c = self.cfg
         embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.d_model))
         x = jnp.take(embedding, tokens, axis=0)  # [B,T,D]
@@ -193,12 +205,14 @@ class Transformer(nn.Module):
             in_axes=(0, nn.broadcast),
             length=c.n_layers,
         )
-        per_layer = (jnp.asarray(c.sliding_layers, dtype=bool), jnp.arange(c.n_layers, dtype=jnp.int32))  # [L] each
-        x, _ = Stack(c, name="layers")(x, per_layer, shared)
+        per_layer = (jnp.asarray(c.sliding_layers, dtype=bool), jnp.arange(c.n_layers, dtype=jnp.int32), past)
+        x, kv = Stack(c, self.return_kv, name="layers")(x, per_layer, shared)
 
         x = RMSNorm(c.norm_eps, c.norm_plus_one, name="final_norm")(x)
         sow(self, "final_norm", x)
         if c.tie_embeddings:  # contract with the embedding's own [V, D] layout: no transpose copy
-            return jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
-        unembed = self.param("unembed", nn.initializers.normal(0.02), (c.d_model, c.vocab_size))
-        return jnp.einsum("btd,dv->btv", x, unembed.astype(x.dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+        else:
+            unembed = self.param("unembed", nn.initializers.normal(0.02), (c.d_model, c.vocab_size))
+            logits = jnp.einsum("btd,dv->btv", x, unembed.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (logits, kv) if self.return_kv else logits

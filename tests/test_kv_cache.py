@@ -1,0 +1,67 @@
+"""Continuing from cached keys/values gives what one pass over all the tokens gives."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlens import interventions as iv
+from jaxlens.converters.families import config_from_hf
+from jaxlens.models import forward, forward_cached, init_params
+
+CONFIGS = {
+    "llama": dict(model_type="llama"),
+    # sliding window 4 < the prompt, mixed layer types and two rope bases: the window must count
+    # across the cache boundary.
+    "gemma3_text": dict(model_type="gemma3_text", sliding_window=4, query_pre_attn_scalar=16, head_dim=16,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def model(request):
+    config = config_from_hf(dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=64, max_position_embeddings=32, **CONFIGS[request.param]))
+    return config, init_params(config, jax.random.key(1))
+
+
+def test_continuing_a_cache_equals_one_pass(model):
+    config, params = model
+    tokens = np.random.default_rng(0).integers(0, 64, (3, 11)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    mask[1, :4] = 0  # left padding
+    mask[2, :1] = 0
+    full, full_sites = forward(params, tokens, mask, config=config, capture=("resid_post",))
+    for split in (1, 7, 10):
+        _, _, cache = forward_cached(params, tokens[:, :split], mask[:, :split], config=config)
+        logits, sites, cache2 = forward_cached(params, tokens[:, split:], mask[:, split:], config=config, past=cache,
+                                               capture=("resid_post",))
+        real = mask[:, split:, None].astype(bool)
+        np.testing.assert_allclose(np.where(real, logits, 0), np.where(real, full[:, split:], 0), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(sites["resid_post"]) * real, np.asarray(full_sites["resid_post"][:, :, split:]) * real, atol=2e-5)
+        assert cache2.k.shape[2] == tokens.shape[1] and cache2.mask.shape == tokens.shape
+
+
+def test_an_intervention_on_the_last_token_equals_it_in_one_pass(model):
+    """The transplant trick: changing only the last position needs only the last position re-run."""
+    config, params = model
+    tokens = np.random.default_rng(1).integers(0, 64, (2, 9)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    vector = np.random.default_rng(2).standard_normal(config.d_model).astype(np.float32)
+    last = iv.last_token(mask)
+    full, _ = forward(params, tokens, mask, config=config, interventions=iv.add("mlp_out", vector, 3.0, layers=1, positions=last))
+    _, _, cache = forward_cached(params, tokens[:, :-1], mask[:, :-1], config=config)
+    one, _, _ = forward_cached(params, tokens[:, -1:], mask[:, -1:], config=config, past=cache,
+                               interventions=iv.add("mlp_out", vector, 3.0, layers=1))
+    np.testing.assert_allclose(one[:, 0], full[:, -1], atol=2e-5)
+
+
+def test_cache_errors(model):
+    config, params = model
+    tokens = np.zeros((2, 5), np.int32)
+    _, _, cache = forward_cached(params, tokens, config=config)
+    with pytest.raises(ValueError, match="past cache has batch 2"):
+        forward_cached(params, np.zeros((3, 1), np.int32), config=config, past=cache)
+    with pytest.raises(ValueError, match="exceed max_positions"):
+        forward_cached(params, np.zeros((2, 30), np.int32), config=config, past=cache)
