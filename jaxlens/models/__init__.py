@@ -25,12 +25,12 @@ __all__ = ["forward", "init_params", "param_shapes", "Transformer"]
 
 
 def _shared_inputs(cfg: ModelConfig, attention_mask):
-    """Rope tables and boolean masks for global and sliding layers, computed once per call."""
+    """Positions, rope tables and boolean masks for global and sliding layers, once per call."""
     mask = attention_mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)  # [B,T]
-    cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions)
+    cos, sin = rope_tables(cfg.rope, cfg.rope_dim, positions)
     if cfg.rope_local is not None:
-        cos_local, sin_local = rope_tables(cfg.rope_local, cfg.head_dim, positions)
+        cos_local, sin_local = rope_tables(cfg.rope_local, cfg.rope_dim, positions)
     else:
         cos_local, sin_local = cos, sin
     T = mask.shape[-1]
@@ -41,6 +41,7 @@ def _shared_inputs(cfg: ModelConfig, attention_mask):
     local = causal & (q_idx - k_idx < window)[None]
     expand = lambda m: m[:, None, None]  # [B,1,1,T,S] broadcast over kv heads and groups  # noqa: E731
     return {
+        "positions": positions,
         "cos": cos,
         "sin": sin,
         "cos_local": cos_local,
