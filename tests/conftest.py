@@ -35,6 +35,9 @@ TINY_CONFIGS = {
                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     "gpt2": dict(n_inner=96, initializer_range=0.2),
     "gpt_neox": dict(rotary_pct=0.5, num_key_value_heads=4, initializer_range=0.2),
+    "bloom": dict(num_key_value_heads=4, initializer_range=0.2),
+    "olmo2": dict(initializer_range=0.2),
+    "phi3": dict(partial_rotary_factor=0.5, sliding_window=5, pad_token_id=0, initializer_range=0.2),
 }
 
 

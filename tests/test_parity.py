@@ -132,3 +132,14 @@ def test_bfloat16_tracks_float32_reference(tiny_checkpoint, model_type):
     # bf16 has 8 bits of mantissa: a few 1e-2 of the logit range after 3 layers.
     assert max_diff(logits, ref_fp32) / scale < 3e-2
     assert (np.asarray(logits).argmax(-1) == ref_fp32.argmax(-1)).mean() > 0.9
+
+
+def test_alibi_slopes_match_transformers():
+    """Our numpy ALiBi slopes equal BLOOM's, powers of 2 and the interleaved rest alike."""
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    from jaxlens.models.rope import alibi_slopes
+
+    for n_heads in (1, 2, 3, 4, 5, 6, 8, 12, 16, 20, 32, 112):
+        # float32 pow may differ in the last bit between numpy and torch
+        np.testing.assert_allclose(alibi_slopes(n_heads), _get_alibi_slopes(n_heads, "cpu").numpy(), rtol=1e-6)
