@@ -40,6 +40,15 @@ class RopeConfig:
     original_max_positions: int = 8192  # llama3 only
 
 
+# The string-valued switches and the values the shared blocks understand.
+_CHOICES = {
+    "norm": ("rms", "layer"),
+    "norm_placement": ("pre", "sandwich", "post"),
+    "positions": ("rope", "learned", "alibi"),
+    "activation": ("silu", "gelu_tanh", "gelu"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: str
@@ -52,8 +61,15 @@ class ModelConfig:
     d_ff: int
     max_positions: int
     norm_eps: float = 1e-6
+    norm: str = "rms"  # rms | layer (LayerNorm with bias: GPT-2, GPT-NeoX, BLOOM)
+    # Where the block norms sit: "pre" (norm -> sublayer), "sandwich" (Gemma 2/3: norm -> sublayer
+    # -> norm), "post" (OLMo 2: sublayer -> norm, nothing before).
+    norm_placement: str = "pre"
+    parallel_residual: bool = False  # GPT-NeoX: the MLP reads the block input, not resid_mid
     activation: str = "silu"  # silu | gelu_tanh | gelu
     gated_mlp: bool = True
+    positions: str = "rope"  # rope | learned (GPT-2: a [max_positions, D] table) | alibi (BLOOM)
+    rotary_dim: int | None = None  # partial rotary (GPT-NeoX, Phi-3): rotate only the first dims
     rope: RopeConfig = RopeConfig()
     # Sliding-window layers: per-layer flags and their own rope (Gemma 3: local base 10k).
     sliding_window: int | None = None
@@ -63,10 +79,13 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm over head_dim on q and k, before rope
+    qk_norm_all_heads: bool = False  # OLMo 2: that norm spans the whole N*H projection instead
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w)
-    sandwich_norms: bool = False  # Gemma 2/3: post-attention and post-MLP norms too
     embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
+    embed_norm: bool = False  # BLOOM: a LayerNorm on the embeddings
     query_scale: float | None = None  # attention scale; None -> head_dim ** -0.5
+    attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
     tie_embeddings: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -79,10 +98,20 @@ class ModelConfig:
             raise ConfigError(
                 f"sliding_layers has {len(self.sliding_layers)} entries for {self.n_layers} layers"
             )
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not supported; choose one of {allowed}")
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim):
+            raise ConfigError(f"rotary_dim={self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}"
             )
+
+    @property
+    def rope_dim(self) -> int:
+        """How many leading dims of each head rope rotates (all unless partial rotary)."""
+        return self.rotary_dim if self.rotary_dim is not None else self.head_dim
 
     @property
     def attn_scale(self) -> float:
@@ -98,4 +127,6 @@ class ModelConfig:
         if d.get("rope_local") is not None:
             d["rope_local"] = RopeConfig(**d["rope_local"])
         d["sliding_layers"] = tuple(d["sliding_layers"])
+        if d.pop("sandwich_norms", False):  # configs written before norm_placement existed
+            d["norm_placement"] = "sandwich"
         return cls(**d)

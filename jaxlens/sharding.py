@@ -25,6 +25,8 @@ PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
     (r"^layers/mlp/up/kernel$", (None, None, "model")),  # [L, D, F] (ungated MLPs)
     (r"^layers/mlp/up/bias$", (None, "model")),  # [L, F]
     (r"^layers/mlp/down/kernel$", (None, "model", None)),  # [L, F, D]
+    # Replicated on purpose (small, or [D]-wide): norm scales and biases (incl. OLMo 2's [L, N*H]
+    # q/k norms, BLOOM's embed_norm), the o / down biases [L, D], GPT-2's positions [P, D].
 )
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
-from jaxlens.models.transformer import RMSNorm
+from jaxlens.models.transformer import make_norm, softcap
 
 
 @partial(jax.jit, static_argnames=("config", "k"))
@@ -22,8 +22,9 @@ def lens_topk(params, resid, *, config: ModelConfig, k: int = 5):
 
     Every layer gets the model's own final norm once; the last layer then equals the model's logits.
     """
-    normed = RMSNorm(config.norm_eps, config.norm_plus_one).apply({"params": params["final_norm"]}, resid)
+    normed = make_norm(config).apply({"params": params["final_norm"]}, resid)
     unembed = params["embedding"].T if config.tie_embeddings else params["unembed"]  # [D, V]
     logits = jnp.einsum("lbpd,dv->lbpv", normed, unembed.astype(normed.dtype), preferred_element_type=jnp.float32)
+    logits = softcap(logits, config.final_softcap)  # Gemma 2
     probs, ids = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)
     return ids, probs

@@ -26,6 +26,18 @@ TINY_CONFIGS = {
     "gemma3_text": dict(sliding_window=5, query_pre_attn_scalar=24,
                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                         rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    # The families below use larger weights (initializer_range=0.2): with 0.02 the activations stay
+    # so small that e.g. exact vs tanh GELU differ by < 1e-4, and parity could not tell them apart.
+    "gemma": dict(initializer_range=0.2),
+    # Caps near the scores' and logits' own scale, so tanh is far from linear.
+    "gemma2": dict(sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=0.5,
+                   final_logit_softcapping=1.0, initializer_range=0.2,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "gpt2": dict(n_inner=96, initializer_range=0.2),
+    "gpt_neox": dict(rotary_pct=0.5, num_key_value_heads=4, initializer_range=0.2),
+    "bloom": dict(num_key_value_heads=4, initializer_range=0.2),
+    "olmo2": dict(initializer_range=0.2),
+    "phi3": dict(partial_rotary_factor=0.5, sliding_window=5, pad_token_id=0, initializer_range=0.2),
 }
 
 
@@ -40,7 +52,7 @@ def build_hf_model(model_type: str, seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
+            if p.ndim == 1:  # norm weights and biases
                 p.add_(0.2 * torch.randn_like(p))
     return model
 

@@ -26,9 +26,13 @@ assert q.sharding.spec[2] == "model" and len(q.sharding.device_set) == 8, q.shar
 ref_logits, ref_sites = single(tokens, mask, capture=("resid_post",))
 logits, sites = sharded(tokens, mask, capture=("resid_post",))
 assert len(logits.sharding.device_set) == 8
-diff = max(float(np.abs(np.asarray(logits) - np.asarray(ref_logits)).max()),
-           float(np.abs(np.asarray(sites["resid_post"]) - np.asarray(ref_sites["resid_post"])).max()))
-print(f"max abs diff 1 vs 8 devices: {diff:.3g}")
+# Relative to each array's scale: the tiny models with larger weights reach |x| ~ 10, where float32
+# reductions split across devices (another summation order) differ by ~1e-6 relative.
+diff = max(
+    float(np.abs(np.asarray(out) - np.asarray(ref)).max() / max(1.0, np.abs(np.asarray(ref)).max()))
+    for out, ref in ((logits, ref_logits), (sites["resid_post"], ref_sites["resid_post"]))
+)
+print(f"max abs diff 1 vs 8 devices (relative to scale): {diff:.3g}")
 assert diff < 1e-5, diff
 
 # Interventions, one and a vmapped stack of them, give the same numbers sharded as on one device.

@@ -17,18 +17,44 @@ FAMILIES = sorted(TINY_CONFIGS)
 TOL = 1e-4
 
 
+# Where transformers computes each finer site: model_type -> (the layer list, {site: (module path
+# inside a layer, "in" = its first input | "out" = its output)}). Missing types use "default".
+_LLAMA_SITES = {"mlp_act": ("mlp.act_fn", "out"), "mlp_hidden": ("mlp.down_proj", "in"),
+                "attn_out": ("self_attn", "out"), "mlp_out": ("mlp", "out")}
+_POST_NORM_SITES = {**_LLAMA_SITES, "attn_out": ("post_attention_layernorm", "out"),
+                    "mlp_out": ("post_feedforward_layernorm", "out")}
+HF_SITES = {
+    "default": ("model.layers", _LLAMA_SITES),
+    "gemma2": ("model.layers", _POST_NORM_SITES),
+    "gemma3_text": ("model.layers", _POST_NORM_SITES),
+    "olmo2": ("model.layers", _POST_NORM_SITES),
+    "phi3": ("model.layers", {**_LLAMA_SITES, "mlp_act": ("mlp.activation_fn", "out")}),
+    "gpt2": ("transformer.h", {"mlp_act": ("mlp.act", "out"), "mlp_hidden": ("mlp.c_proj", "in"),
+                               "attn_out": ("attn", "out"), "mlp_out": ("mlp", "out")}),
+    "gpt_neox": ("gpt_neox.layers", {"mlp_act": ("mlp.act", "out"), "mlp_hidden": ("mlp.dense_4h_to_h", "in"),
+                                     "attn_out": ("attention", "out"), "mlp_out": ("mlp", "out")}),
+    # BLOOM's attention and MLP modules return residual + output; read their last projections.
+    "bloom": ("transformer.h", {"mlp_act": ("mlp.gelu_impl", "out"), "mlp_hidden": ("mlp.dense_4h_to_h", "in"),
+                                "attn_out": ("self_attention.dense", "out"), "mlp_out": ("mlp.dense_4h_to_h", "out")}),
+}
+
+
 def hf_forward(model, tokens: np.ndarray):
     """transformers' outputs plus the finer sites, via forward hooks on its own modules."""
-    sites = {k: [] for k in ("mlp_act", "mlp_hidden", "attn_out", "mlp_out")}
-    sandwich = hasattr(model.model.layers[0], "post_feedforward_layernorm")
+    layers_path, where = HF_SITES.get(model.config.model_type, HF_SITES["default"])
+    sites = {k: [] for k in where}
     hooks = []
-    for layer in model.model.layers:
-        hooks.append(layer.mlp.act_fn.register_forward_hook(lambda m, i, o: sites["mlp_act"].append(o)))
-        hooks.append(layer.mlp.down_proj.register_forward_hook(lambda m, i, o: sites["mlp_hidden"].append(i[0])))
-        attn = layer.post_attention_layernorm if sandwich else layer.self_attn
-        mlp = layer.post_feedforward_layernorm if sandwich else layer.mlp
-        hooks.append(attn.register_forward_hook(lambda m, i, o: sites["attn_out"].append(o[0] if isinstance(o, tuple) else o)))
-        hooks.append(mlp.register_forward_hook(lambda m, i, o: sites["mlp_out"].append(o)))
+
+    def record(name, side):
+        def hook(module, inputs, output):
+            value = inputs[0] if side == "in" else output
+            sites[name].append(value[0] if isinstance(value, tuple) else value)
+
+        return hook
+
+    for layer in model.get_submodule(layers_path):
+        for name, (path, side) in where.items():
+            hooks.append(layer.get_submodule(path).register_forward_hook(record(name, side)))
     try:
         with torch.no_grad():
             out = model(torch.tensor(tokens, dtype=torch.long), output_hidden_states=True, output_attentions=True)
@@ -106,3 +132,14 @@ def test_bfloat16_tracks_float32_reference(tiny_checkpoint, model_type):
     # bf16 has 8 bits of mantissa: a few 1e-2 of the logit range after 3 layers.
     assert max_diff(logits, ref_fp32) / scale < 3e-2
     assert (np.asarray(logits).argmax(-1) == ref_fp32.argmax(-1)).mean() > 0.9
+
+
+def test_alibi_slopes_match_transformers():
+    """Our numpy ALiBi slopes equal BLOOM's, powers of 2 and the interleaved rest alike."""
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    from jaxlens.models.rope import alibi_slopes
+
+    for n_heads in (1, 2, 3, 4, 5, 6, 8, 12, 16, 20, 32, 112):
+        # float32 pow may differ in the last bit between numpy and torch
+        np.testing.assert_allclose(alibi_slopes(n_heads), _get_alibi_slopes(n_heads, "cpu").numpy(), rtol=1e-6)

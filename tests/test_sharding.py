@@ -14,7 +14,13 @@ import jaxlens
 from jaxlens import cli
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+# Llama and Gemma 3 (sliding layers), Gemma 2 (soft-capping), BLOOM (ALiBi, LayerNorm, fused qkv),
+# GPT-NeoX (parallel residual, partial rotary).
+# ~20 s each: the three added families run as slow tests (CI runs them).
+@pytest.mark.parametrize(
+    "model_type",
+    ["llama", "gemma3_text", *(pytest.param(m, marks=pytest.mark.slow) for m in ("gemma2", "bloom", "gpt_neox"))],
+)
 def test_eight_devices_match_one(tiny_checkpoint, model_type):
     _, directory = tiny_checkpoint(model_type)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}

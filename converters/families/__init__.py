@@ -43,7 +43,7 @@ class Family:
     ignored: tuple[str, ...] = (r".*rotary_emb\.inv_freq",)
 
 
-_MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+_MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "bloom", "olmo2", "phi3")
 
 
 def families() -> list[Family]:

@@ -55,36 +55,47 @@ def sliding_layers(hf: dict, n_layers: int, default: bool) -> tuple[bool, ...]:
     return (default,) * n_layers
 
 
-def base_config(hf: dict, family: str, **overrides) -> ModelConfig:
-    """The fields every decoder family reads the same way; families override the rest."""
-    d_model = require(hf, "hidden_size")
-    n_heads = require(hf, "num_attention_heads")
-    n_layers = require(hf, "num_hidden_layers")
-    eos = hf.get("eos_token_id")
-    fields = dict(
-        family=family,
-        vocab_size=require(hf, "vocab_size"),
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or d_model // n_heads,
-        d_ff=require(hf, "intermediate_size"),
-        max_positions=require(hf, "max_position_embeddings"),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        activation=_activation(hf.get("hidden_activation") or hf.get("hidden_act") or "silu"),
-        rope=global_rope(hf),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        pad_token_id=hf.get("pad_token_id"),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+def base_config(hf: dict, family: str, names: dict[str, str] | None = None, **overrides) -> ModelConfig:
+    """The fields every decoder family reads the same way; families override the rest.
+
+    `names` maps a Llama-style config.json key to the key this family uses for it (GPT-2:
+    {"hidden_size": "n_embd", ...}); a field given in `overrides` is not read at all.
+    """
+    names = names or {}
+    key = lambda k: names.get(k, k)  # noqa: E731
+    readers = dict(  # ModelConfig field -> how to read it (only called when not overridden)
+        vocab_size=lambda: require(hf, key("vocab_size")),
+        d_model=lambda: require(hf, key("hidden_size")),
+        n_layers=lambda: require(hf, key("num_hidden_layers")),
+        n_heads=lambda: require(hf, key("num_attention_heads")),
+        n_kv_heads=lambda: hf.get(key("num_key_value_heads")) or fields["n_heads"],
+        head_dim=lambda: hf.get(key("head_dim")) or fields["d_model"] // fields["n_heads"],
+        d_ff=lambda: require(hf, key("intermediate_size")),
+        max_positions=lambda: require(hf, key("max_position_embeddings")),
+        norm_eps=lambda: float(hf.get(key("rms_norm_eps"), 1e-6)),
+        activation=lambda: _activation(hf.get("hidden_activation") or hf.get(key("hidden_act")) or "silu"),
+        rope=lambda: global_rope(hf),
+        tie_embeddings=lambda: bool(hf.get("tie_word_embeddings", False)),
+        pad_token_id=lambda: hf.get("pad_token_id"),
+        bos_token_id=lambda: hf.get("bos_token_id"),
+        eos_token_id=lambda: _first(hf.get("eos_token_id")),
     )
+    fields = dict(family=family)
+    for name, read in readers.items():  # in order: later readers use earlier fields
+        fields[name] = overrides[name] if name in overrides else read()
     fields.update(overrides)
     return ModelConfig(**fields)
 
 
+def _first(value):
+    return value[0] if isinstance(value, list) else value
+
+
 def _activation(name: str) -> str:
-    table = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
+    table = {
+        "silu": "silu", "swish": "silu", "gelu": "gelu",
+        "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+    }
     if name not in table:
         raise ConfigError(f"activation {name!r} is not supported; supported: {', '.join(table)}")
     return table[name]
@@ -120,13 +131,35 @@ q_heads = to_heads(lambda c: c.n_heads)
 kv_heads = to_heads(lambda c: c.n_kv_heads)
 
 
+def fused_qkv(part: str, per_head: bool, stored_in_out: bool = False):
+    """One of q, k, v out of a fused projection: weight -> [D, n, H] kernel, bias -> [n, H].
+
+    per_head=False: rows are [all q | all k | all v] (GPT-2 c_attn, Phi-3 qkv_proj).
+    per_head=True: rows are [N, 3, H], each head's q, k, v together (GPT-NeoX, BLOOM).
+    stored_in_out: the weight is stored [in, out] (GPT-2's Conv1D) rather than nn.Linear's [out, in].
+    """
+    index = "qkv".index(part)
+
+    def transform(w, cfg):
+        if stored_in_out and w.ndim == 2:
+            w = w.T  # -> [out, in] like every other fused weight
+        H = cfg.head_dim
+        if per_head:  # [N*3*H, ...] -> [N, 3, H, ...] -> this part's [N, H, ...]
+            w = w.reshape(cfg.n_heads, 3, H, *w.shape[1:])[:, index]
+        else:
+            sizes = [cfg.n_heads * H, cfg.n_kv_heads * H, cfg.n_kv_heads * H]
+            start = sum(sizes[:index])
+            w = w[start : start + sizes[index]].reshape(sizes[index] // H, H, *w.shape[1:])
+        return np.ascontiguousarray(w if w.ndim == 2 else w.transpose(2, 0, 1))  # [n, H] or [D, n, H]
+
+    return transform
+
 def decoder_tensors(cfg: ModelConfig) -> list[TensorRule]:
     """The table for a Llama-shaped checkpoint; switches in `cfg` add or drop entries."""
     layer = "model.layers.{i}."
     rules = [
         TensorRule("model.embed_tokens.weight", ("embedding",), same),
         TensorRule("model.norm.weight", ("final_norm", "scale"), same),
-        TensorRule(layer + "input_layernorm.weight", ("layers", "attn_norm", "scale"), same),
         TensorRule(layer + "self_attn.q_proj.weight", ("layers", "attn", "q", "kernel"), q_heads),
         TensorRule(layer + "self_attn.k_proj.weight", ("layers", "attn", "k", "kernel"), kv_heads),
         TensorRule(layer + "self_attn.v_proj.weight", ("layers", "attn", "v", "kernel"), kv_heads),
@@ -164,12 +197,35 @@ def decoder_tensors(cfg: ModelConfig) -> list[TensorRule]:
             TensorRule(layer + "self_attn.q_norm.weight", ("layers", "attn", "q_norm", "scale"), same),
             TensorRule(layer + "self_attn.k_norm.weight", ("layers", "attn", "k_norm", "scale"), same),
         ]
-    if cfg.sandwich_norms:
-        rules += [
-            TensorRule(layer + "post_attention_layernorm.weight", ("layers", "post_attn_norm", "scale"), same),
-            TensorRule(layer + "pre_feedforward_layernorm.weight", ("layers", "mlp_norm", "scale"), same),
-            TensorRule(layer + "post_feedforward_layernorm.weight", ("layers", "post_mlp_norm", "scale"), same),
-        ]
-    else:
-        rules.append(TensorRule(layer + "post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), same))
+    rules += [
+        TensorRule(layer + f"{hf_norm}.weight", ("layers", norm, "scale"), same)
+        for hf_norm, norm in BLOCK_NORMS[cfg.norm_placement].items()
+    ]
     return rules
+
+
+# HF's per-layer norm names -> ours, by `norm_placement` (the same HF name moves with it).
+BLOCK_NORMS = {
+    "pre": {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"},
+    "sandwich": {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "post_attn_norm",
+        "pre_feedforward_layernorm": "mlp_norm",
+        "post_feedforward_layernorm": "post_mlp_norm",
+    },
+    "post": {"post_attention_layernorm": "post_attn_norm", "post_feedforward_layernorm": "post_mlp_norm"},
+}
+
+
+def layer_norm(hf: str, path: tuple[str, ...]) -> list[TensorRule]:
+    """A LayerNorm's two tensors: `hf`.weight -> path/scale and `hf`.bias -> path/bias."""
+    return [TensorRule(f"{hf}.weight", (*path, "scale"), same), TensorRule(f"{hf}.bias", (*path, "bias"), same)]
+
+
+def rotary_dim(hf: dict, head_dim: int, default: float = 1.0) -> int | None:
+    """Partial rotary: how many dims of each head rope rotates (None = all), from v5's
+    rope_parameters.partial_rotary_factor or v4's partial_rotary_factor / rotary_pct."""
+    params = hf.get("rope_parameters") or {}
+    fraction = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", default)))
+    dim = int(head_dim * fraction)
+    return None if dim == head_dim else dim

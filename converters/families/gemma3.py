@@ -23,7 +23,7 @@ def config(hf):
         "gemma3",
         qk_norm=True,
         norm_plus_one=True,
-        sandwich_norms=True,
+        norm_placement="sandwich",
         embed_scale=True,
         sliding_window=require(hf, "sliding_window"),
         sliding_layers=sliding,

@@ -41,10 +41,11 @@ def _shared_inputs(cfg: ModelConfig, attention_mask, interventions=None, reducer
     new = attention_mask.astype(bool)  # [B,T]
     full = new if past_mask is None else jnp.concatenate([past_mask.astype(bool), new], axis=-1)  # [B,S]
     T, S = new.shape[-1], full.shape[-1]
-    positions = jnp.maximum(jnp.cumsum(full, axis=-1) - 1, 0)[:, S - T :]  # [B,T]
-    cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions)
+    key_positions = jnp.maximum(jnp.cumsum(full, axis=-1) - 1, 0)  # [B,S]
+    positions = key_positions[:, S - T :]  # [B,T] of the new tokens
+    cos, sin = rope_tables(cfg.rope, cfg.rope_dim, positions)
     if cfg.rope_local is not None:
-        cos_local, sin_local = rope_tables(cfg.rope_local, cfg.head_dim, positions)
+        cos_local, sin_local = rope_tables(cfg.rope_local, cfg.rope_dim, positions)
     else:
         cos_local, sin_local = cos, sin
     q_idx = jnp.arange(S - T, S)[:, None]
@@ -54,6 +55,8 @@ def _shared_inputs(cfg: ModelConfig, attention_mask, interventions=None, reducer
     local = causal & (q_idx - k_idx < window)[None]
     expand = lambda m: m[:, None, None]  # [B,1,1,T,S] broadcast over kv heads and groups  # noqa: E731
     return {
+        "positions": positions,  # [B,T] (learned position embeddings)
+        "key_positions": key_positions,  # [B,S] (ALiBi)
         "cos": cos,
         "sin": sin,
         "cos_local": cos_local,

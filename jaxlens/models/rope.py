@@ -1,4 +1,5 @@
-"""Rotary position embeddings (the half-split "rotate_half" layout transformers uses)."""
+"""Position encodings: rotary (the half-split "rotate_half" layout transformers uses, full or
+partial) and ALiBi slopes."""
 
 from __future__ import annotations
 
@@ -41,8 +42,25 @@ def rope_tables(rope: RopeConfig, head_dim: int, positions: jnp.ndarray):
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """x [B, T, N, hd]; cos/sin [B, T, hd/2]. Rotates pairs (i, i + hd/2)."""
-    x1, x2 = jnp.split(x, 2, axis=-1)
+    """x [B, T, N, hd]; cos/sin [B, T, r/2] with r <= hd. Rotates pairs (i, i + r/2) of the first
+    r dims; the other hd - r dims pass unchanged (partial rotary: GPT-NeoX, Phi-3)."""
+    r = 2 * cos.shape[-1]
+    x1, x2 = jnp.split(x[..., :r], 2, axis=-1)
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., r:]], axis=-1)
+
+
+def alibi_slopes(n_heads: int) -> np.ndarray:
+    """[n_heads] float32 ALiBi slopes (Press et al.; BLOOM's construction for non-powers of 2)."""
+
+    def powers_of(base_heads: int, exponents: np.ndarray) -> np.ndarray:
+        base = np.float32(2.0 ** (-(2.0 ** -(math.log2(base_heads) - 3))))
+        return np.power(base, exponents.astype(np.float32)).astype(np.float32)
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = powers_of(closest, np.arange(1, 1 + closest))
+    if closest != n_heads:  # the rest interleave between the slopes of the next power of 2
+        extra = min(closest, n_heads - closest)
+        slopes = np.concatenate([slopes, powers_of(2 * closest, np.arange(1, 1 + 2 * extra, 2))])
+    return slopes

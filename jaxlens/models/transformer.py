@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
 from jaxlens.interventions import apply_at
-from jaxlens.models.rope import apply_rope
+from jaxlens.models.rope import alibi_slopes, apply_rope
 from jaxlens.sites import LAYER_SITES
 
 # Reducer outputs go to their own collection, under "reducer:<name>" (never a site or module name).
@@ -80,6 +80,33 @@ class RMSNorm(nn.Module):
         return (normed * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm with scale and bias (GPT-2, GPT-NeoX, BLOOM), computed in float32."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:
+    """The model's norm (block norms, final norm): RMSNorm or LayerNorm as the family says."""
+    if cfg.norm == "layer":
+        return LayerNorm(cfg.norm_eps, name=name)
+    return RMSNorm(cfg.norm_eps, cfg.norm_plus_one, name=name)
+
+
+def softcap(x, cap: float | None):
+    """Gemma 2's soft-capping: cap * tanh(x / cap); identity when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 class Linear(nn.Module):
     """x [..., in] -> [..., *out_shape], kernel [in, *out_shape]; einsum so heads stay an axis."""
 
@@ -103,20 +130,24 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, past=None):
-        """x [B,T,D]; cos/sin [B,T,H/2]; mask [B,1,1,T,S] bool (True = attend); past: the keys and
-        values of S - T earlier tokens ([B,S-T,K,H] each, after rope) or None (S = T).
-        Returns (out [B,T,D], (k, v) of these T tokens)."""
+    def __call__(self, x, cos, sin, mask, key_positions, past=None):
+        """x [B,T,D]; cos/sin [B,T,R/2]; mask [B,1,1,T,S] bool (True = attend); key_positions [B,S];
+        past: the keys and values of S - T earlier tokens ([B,S-T,K,H] each, after rope) or None
+        (S = T). Returns (out [B,T,D], (k, v) of these T tokens)."""
         c = self.cfg
         G = c.n_heads // c.n_kv_heads
         q = Linear((c.n_heads, c.head_dim), use_bias=c.qkv_bias, name="q")(x)  # [B,T,N,H]
         k = Linear((c.n_kv_heads, c.head_dim), use_bias=c.qkv_bias, name="k")(x)  # [B,S,K,H]
         v = Linear((c.n_kv_heads, c.head_dim), use_bias=c.qkv_bias, name="v")(x)  # [B,S,K,H]
         if c.qk_norm:
-            q = RMSNorm(c.norm_eps, c.norm_plus_one, name="q_norm")(q)
-            k = RMSNorm(c.norm_eps, c.norm_plus_one, name="k_norm")(k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+            norm = RMSNorm(c.norm_eps, c.norm_plus_one, name="q_norm")
+            # OLMo 2 normalises the whole [N*H] projection at once, the others each head.
+            q = norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape) if c.qk_norm_all_heads else norm(q)
+            norm = RMSNorm(c.norm_eps, c.norm_plus_one, name="k_norm")
+            k = norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape) if c.qk_norm_all_heads else norm(k)
+        if c.positions == "rope":
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
         new_kv = (k, v)
         if past is not None:
             k, v = (jnp.concatenate([p.astype(n.dtype), n], axis=1) for p, n in zip(past, new_kv))  # [B,S,K,H]
@@ -124,6 +155,10 @@ class Attention(nn.Module):
         q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim)  # [B,T,K,G,H]
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores * c.attn_scale  # [B,K,G,T,S]
+        if c.positions == "alibi":  # + slope(head) * key position; softmax ignores the query's share
+            slopes = jnp.asarray(alibi_slopes(c.n_heads)).reshape(c.n_kv_heads, G)
+            scores = scores + slopes[None, :, :, None, None] * key_positions[:, None, None, None, :].astype(jnp.float32)
+        scores = softcap(scores, c.attn_softcap)
         scores = jnp.where(mask, scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1)
         sow(self, "attn_probs", probs.reshape(B, c.n_heads, T, -1))
@@ -166,17 +201,19 @@ class Block(nn.Module):
         cos = jnp.where(sliding, shared["cos_local"], shared["cos"])
         sin = jnp.where(sliding, shared["sin_local"], shared["sin"])
         mask = jnp.where(sliding, shared["mask_local"], shared["mask"])
-        norm = lambda name: RMSNorm(c.norm_eps, c.norm_plus_one, name=name)  # noqa: E731
+        pre = c.norm_placement in ("pre", "sandwich")  # a norm before attention / MLP
+        post = c.norm_placement in ("sandwich", "post")  # a norm on what they add to the residual
+        norm = lambda name, h, here: make_norm(c, name)(h) if here else h  # noqa: E731
 
         x = site(self, ctx, "resid_pre", x)
-        attn, kv = Attention(c, name="attn")(norm("attn_norm")(x), cos, sin, mask, past)
-        if c.sandwich_norms:
-            attn = norm("post_attn_norm")(attn)
+        attn, kv = Attention(c, name="attn")(norm("attn_norm", x, pre), cos, sin, mask, shared["key_positions"], past)
+        attn = norm("post_attn_norm", attn, post)
         attn = site(self, ctx, "attn_out", attn)
+        block_in = x
         x = site(self, ctx, "resid_mid", x + attn)
-        mlp = MLP(c, name="mlp")(norm("mlp_norm")(x), ctx)
-        if c.sandwich_norms:
-            mlp = norm("post_mlp_norm")(mlp)
+        # Parallel residual (GPT-NeoX): the MLP reads the block input; resid_mid is then only a sum.
+        mlp = MLP(c, name="mlp")(norm("mlp_norm", block_in if c.parallel_residual else x, pre), ctx)
+        mlp = norm("post_mlp_norm", mlp, post)
         mlp = site(self, ctx, "mlp_out", mlp)
         x = site(self, ctx, "resid_post", x + mlp)
         return x, (kv if self.return_kv else None)
@@ -196,6 +233,11 @@ class Transformer(nn.Module):
         x = jnp.take(embedding, tokens, axis=0)  # [B,T,D]
         if c.embed_scale:
             x = x * jnp.asarray(c.d_model**0.5, dtype=x.dtype)
+        if c.positions == "learned":  # GPT-2: + a learned vector per position
+            table = self.param("pos_embedding", nn.initializers.normal(0.02), (c.max_positions, c.d_model))
+            x = x + jnp.take(table, shared["positions"], axis=0).astype(x.dtype)
+        if c.embed_norm:  # BLOOM
+            x = LayerNorm(c.norm_eps, name="embed_norm")(x)
         sow(self, "embed", x)
 
         Stack = nn.scan(
@@ -208,11 +250,12 @@ class Transformer(nn.Module):
         per_layer = (jnp.asarray(c.sliding_layers, dtype=bool), jnp.arange(c.n_layers, dtype=jnp.int32), past)
         x, kv = Stack(c, self.return_kv, name="layers")(x, per_layer, shared)
 
-        x = RMSNorm(c.norm_eps, c.norm_plus_one, name="final_norm")(x)
+        x = make_norm(c, "final_norm")(x)
         sow(self, "final_norm", x)
         if c.tie_embeddings:  # contract with the embedding's own [V, D] layout: no transpose copy
             logits = jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
         else:
             unembed = self.param("unembed", nn.initializers.normal(0.02), (c.d_model, c.vocab_size))
             logits = jnp.einsum("btd,dv->btv", x, unembed.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = softcap(logits, c.final_softcap)
         return (logits, kv) if self.return_kv else logits
