@@ -6,23 +6,23 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import _COMMON, TINY_CONFIGS
 from jaxlens import interventions as iv
 from jaxlens.converters.families import config_from_hf
 from jaxlens.models import forward, forward_cached, init_params
 
-CONFIGS = {
-    "llama": dict(model_type="llama"),
-    # sliding window 4 < the prompt, mixed layer types and two rope bases: the window must count
-    # across the cache boundary.
-    "gemma3_text": dict(model_type="gemma3_text", sliding_window=4, query_pre_attn_scalar=16, head_dim=16,
-                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-}
+# Sliding windows shorter than the prompt (Gemma 3), ALiBi (BLOOM), learned positions (GPT-2),
+# partial rotary and parallel residual (GPT-NeoX): positions and masks must continue across the
+# cache boundary.
+FAMILIES = ["llama", "gemma3_text", "bloom", "gpt2", "gpt_neox"]
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=FAMILIES)
 def model(request):
-    config = config_from_hf(dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=64, max_position_embeddings=32, **CONFIGS[request.param]))
+    from transformers import AutoConfig
+
+    hf = AutoConfig.for_model(request.param, **{**_COMMON, **TINY_CONFIGS[request.param], "vocab_size": 64}).to_dict()
+    config = config_from_hf(hf)
     return config, init_params(config, jax.random.key(1))
 
 
@@ -33,7 +33,7 @@ def test_continuing_a_cache_equals_one_pass(model):
     mask[1, :4] = 0  # left padding
     mask[2, :1] = 0
     full, full_sites = forward(params, tokens, mask, config=config, capture=("resid_post",))
-    for split in (1, 7, 10):
+    for split in (1, 7):  # a one-token prefix; a prefix longer than the sliding window
         _, _, cache = forward_cached(params, tokens[:, :split], mask[:, :split], config=config)
         logits, sites, cache2 = forward_cached(params, tokens[:, split:], mask[:, split:], config=config, past=cache,
                                                capture=("resid_post",))
@@ -46,6 +46,8 @@ def test_continuing_a_cache_equals_one_pass(model):
 def test_an_intervention_on_the_last_token_equals_it_in_one_pass(model):
     """The transplant trick: changing only the last position needs only the last position re-run."""
     config, params = model
+    if config.family not in ("llama", "gemma3"):
+        pytest.skip("one rope and one sliding-window family suffice here")
     tokens = np.random.default_rng(1).integers(0, 64, (2, 9)).astype(np.int32)
     mask = np.ones_like(tokens)
     vector = np.random.default_rng(2).standard_normal(config.d_model).astype(np.float32)
@@ -59,9 +61,11 @@ def test_an_intervention_on_the_last_token_equals_it_in_one_pass(model):
 
 def test_cache_errors(model):
     config, params = model
+    if config.family != "llama":
+        pytest.skip("family-independent")
     tokens = np.zeros((2, 5), np.int32)
     _, _, cache = forward_cached(params, tokens, config=config)
     with pytest.raises(ValueError, match="past cache has batch 2"):
         forward_cached(params, np.zeros((3, 1), np.int32), config=config, past=cache)
     with pytest.raises(ValueError, match="exceed max_positions"):
-        forward_cached(params, np.zeros((2, 30), np.int32), config=config, past=cache)
+        forward_cached(params, np.zeros((2, config.max_positions), np.int32), config=config, past=cache)
