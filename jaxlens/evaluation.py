@@ -297,6 +297,13 @@ class Batch:
     def n_real(self) -> int:
         return int((self.item >= 0).sum())
 
+    @property
+    def tail(self) -> int:
+        """How many final positions' logits scoring reads: the longest continuation + 1, bucketed
+        (letter batches: 1), capped at T."""
+        longest = int(self.target.sum(-1).max())
+        return 1 if longest == 0 else min(bucket(longest + 1), self.tokens.shape[1])
+
 
 def make_batches(rows: Sequence[Row], batch_rows: int, pad_id: int = 0, max_length: int | None = None) -> list[Batch]:
     """Rows sorted by length, grouped `batch_rows` at a time, each group padded to `bucket(longest)`
@@ -379,20 +386,23 @@ def letter_logprobs(logits_last, letter_ids, n_options):
 
 
 def model_forward(model, *, tail: int | None = None, interventions: Any = None) -> Callable:
-    """`forward_fn(tokens, mask) -> logits [R, tail, V]` for a `jaxlens.Model` (all T if tail=None).
+    """`forward_fn(tokens, mask, batch=None) -> logits [R, K, V]` for a `jaxlens.Model`.
 
-    Only the last `tail` positions are unembedded: the full [R, T, V] logits are never formed
-    (with Gemma's 262k vocabulary the unembedding is most of the cost). `interventions` is passed
-    through to `jaxlens.models.forward` when given. The batch goes over the mesh's `data` axis.
+    Only the last K positions are unembedded: K = `tail` if given, else the batch's own need
+    (`batch.tail`) when the scorer passes the batch, else all T. The full [R, T, V] logits are
+    then never formed (with Gemma's 262k vocabulary the unembedding is most of the cost).
+    `interventions` is passed through to `jaxlens.models.forward` when given. The batch goes over
+    the mesh's `data` axis.
     """
     from jaxlens.sharding import batch_sharding
 
     extra = {} if interventions is None else {"interventions": interventions}
 
-    def forward_fn(tokens, mask):
+    def forward_fn(tokens, mask, batch: Batch | None = None):
+        keep = tail if tail is not None else (batch.tail if batch is not None else None)
         sharding = batch_sharding(model.mesh, tokens.shape[0])
         tokens, mask = jax.device_put((np.asarray(tokens, np.int32), np.asarray(mask, np.int32)), sharding)
-        return _tail_logits(model.params, tokens, mask, extra, config=model.config, tail=tail)
+        return _tail_logits(model.params, tokens, mask, extra, config=model.config, tail=keep)
 
     return forward_fn
 
@@ -435,6 +445,11 @@ class Scores:
     letter: np.ndarray | None = None  # log-prob of each letter, restricted to the item's letters
     letter_mass: np.ndarray | None = None  # [..., N] full-softmax probability on those letters
 
+    def at(self, *index) -> "Scores":
+        """One point of a sweep: index the leading axes of the score arrays (e.g. `scores.at(layer, alpha)`)."""
+        pick = lambda a, full: None if a is None else (a[index] if a.ndim > full else a)  # noqa: E731
+        return Scores(pick(self.ll, 2), self.n_tokens, self.n_chars, pick(self.letter, 2), pick(self.letter_mass, 1))
+
     def by_method(self) -> dict[str, np.ndarray]:
         out = {}
         if self.ll is not None:
@@ -449,8 +464,9 @@ def score_items(items: Sequence[Item], tokenizer, forward_fn: Callable | None = 
                 progress: bool = True) -> Scores:
     """Score every item both ways (methods "options" and/or "letters").
 
-    forward_fn(tokens [R, T], mask [R, T]) -> logits [..., R, K, V] for the last K positions;
-    by default `model_forward(model, tail=...)` with the smallest tail the rows need. Give `model`
+    forward_fn(tokens [R, T], mask [R, T]) -> logits [..., R, K, V] for the last K positions
+    (K >= batch.tail). A forward_fn with a `batch` parameter also gets the `Batch` (row -> item,
+    option, prompt_last: what a transplant needs). Default: `model_forward(model)`. Give `model`
     with a custom forward_fn too, so padding uses its pad id and lengths are checked against it.
     """
     methods = set(methods)
@@ -466,8 +482,7 @@ def score_items(items: Sequence[Item], tokenizer, forward_fn: Callable | None = 
     scores = Scores()
     if "options" in methods:
         rows = option_rows(items, tokenizer, template)
-        tail = bucket(max(len(r.continuation) for r in rows) + 1)
-        fn = forward_fn or model_forward(model, tail=tail)
+        fn = forward_fn or model_forward(model)
         values = _run(make_batches(rows, batch_rows, pad_id, max_length), fn, _score_options, "option log-likelihood", progress)
         scores.ll = _scatter(values, N, n_opts)
         scores.n_tokens = _scatter([(b, np.asarray(b.target.sum(-1), np.float64)) for b, _ in values], N, n_opts)
@@ -479,7 +494,7 @@ def score_items(items: Sequence[Item], tokenizer, forward_fn: Callable | None = 
         table = np.full((n_opts, max(map(len, letter_ids))), -1, np.int32)
         for k, ids in enumerate(letter_ids):
             table[k, : len(ids)] = ids
-        fn = forward_fn or model_forward(model, tail=1)
+        fn = forward_fn or model_forward(model)
         n_options = np.array([len(item.options) for item in items])
         values = _run(make_batches(letter_rows(items, tokenizer, template), batch_rows, pad_id, max_length), fn,
                       partial(_score_letters, table=table, n_options=n_options), "letter probability", progress)
@@ -507,11 +522,18 @@ def _run(batches: list[Batch], forward_fn, score_fn, label: str, progress: bool)
     """forward_fn then score_fn on each batch, with a progress bar in tokens/s."""
     from tqdm import tqdm
 
+    import inspect
+
+    try:
+        wants_batch = "batch" in inspect.signature(forward_fn).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        wants_batch = False
     out = []
     bar = tqdm(total=sum(int(b.mask[b.item >= 0].sum()) for b in batches), desc=label, unit="tok",
                unit_scale=True, disable=not progress, leave=False)
     for b in batches:
-        out.append((b, score_fn(b, forward_fn(b.tokens, b.mask))))
+        logits = forward_fn(b.tokens, b.mask, batch=b) if wants_batch else forward_fn(b.tokens, b.mask)
+        out.append((b, score_fn(b, logits)))
         bar.update(int(b.mask[b.item >= 0].sum()))
     bar.close()
     return out

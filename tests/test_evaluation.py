@@ -92,7 +92,7 @@ def test_padding_and_batching_do_not_change_scores(tiny):
 
     model, tok, _ = tiny
     runs = [ev.score_items(ITEMS, tok, template=ev.XCOPA_TEMPLATE, model=model, batch_rows=b, progress=False) for b in (1, 5)]
-    full = ev.score_items(ITEMS, tok, ev.model_forward(model), ev.XCOPA_TEMPLATE, model=model, batch_rows=5, progress=False)  # all T logits
+    full = ev.score_items(ITEMS, tok, lambda t, m: model(t, m)[0], ev.XCOPA_TEMPLATE, model=model, batch_rows=5, progress=False)  # all T
     for other in runs[1:] + [full]:
         np.testing.assert_allclose(other.ll, runs[0].ll, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(other.letter, runs[0].letter, rtol=1e-5, atol=1e-5)
@@ -102,6 +102,21 @@ def test_padding_and_batching_do_not_change_scores(tiny):
                              model=model, batch_rows=5, progress=False)
     assert stacked.ll.shape == (2,) + runs[0].ll.shape and stacked.letter_mass.shape == (2, len(ITEMS))
     np.testing.assert_allclose(stacked.ll[1], runs[0].ll, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stacked.at(0).by_method()["ll_token"], runs[0].by_method()["ll_token"], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_fn_can_take_the_batch(tiny):
+    model, tok, _ = tiny
+    seen = []
+
+    def forward_fn(tokens, mask, batch):  # what a transplant needs: which item, and where its prompt ends
+        real = batch.item >= 0
+        assert (batch.target[real].sum(-1) == tokens.shape[1] - 1 - batch.prompt_last[real]).all()
+        seen.append(batch)
+        return model(tokens, mask)[0]
+
+    ev.score_items(ITEMS, tok, forward_fn, ev.XCOPA_TEMPLATE, model=model, batch_rows=5, progress=False)
+    assert sorted(int(i) for b in seen for i in b.item if i >= 0) == sorted([0, 0, 1, 1, 1, 2, 2] + [0, 1, 2])
 
 
 def test_batches_have_fixed_shapes():
