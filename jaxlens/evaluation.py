@@ -174,19 +174,21 @@ class Template:
         choices = "\n".join(self.choice.format(letter=LETTERS[k], option=o) for k, o in enumerate(item.options))
         return self.lettered.format(stem=self.stem_text(item), choices=choices)
 
-    @classmethod
-    def from_json(cls, path) -> "Template":
-        """A template from a JSON object with any of the fields (cues: {kind: text})."""
+    def override(self, path) -> "Template":
+        """This template with the fields a JSON file sets, e.g. {"context": "{stem}\nAnswer:", "cues": {"cause": "Why?"}}."""
         try:
             fields = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read template {path}: {e}") from None
-        known = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(fields, dict) or set(fields) - known:
-            raise ValueError(f"template {path}: expected a JSON object with fields from {sorted(known)}")
+        known = {f.name for f in dataclasses.fields(self)}
+        if not isinstance(fields, dict) or set(fields) - known or not all(isinstance(v, (str, dict)) for v in fields.values()):
+            raise ValueError(f"template {path}: expected a JSON object of strings with fields from {sorted(known)} "
+                             "(cues: an object {kind: text})")
         if "cues" in fields:
-            fields["cues"] = tuple(sorted(dict(fields["cues"]).items()))
-        return cls(**fields)
+            if not isinstance(fields["cues"], dict):
+                raise ValueError(f"template {path}: cues must be an object {{kind: text}}")
+            fields["cues"] = tuple(sorted(fields["cues"].items()))
+        return dataclasses.replace(self, **fields)
 
 
 # The instructions stay in English for every language (the item text is in its own language), so
@@ -245,9 +247,9 @@ def letter_token_ids(tokenizer, template: Template, n_letters: int) -> list[list
     """The token ids that spell each letter as the next token after the lettered prompt.
 
     Both spellings count: "A" and " A" (SentencePiece "▁A", byte-level "ĠA"). Each is tokenized
-    after the prompt's own ending (e.g. "Answer:") and kept when it adds exactly one token, so
-    the ids are those the model would really emit there; bare "A"/" A" tokenized alone are the
-    fallback. A letter's probability is the sum over its ids.
+    twice: after the prompt's own ending (e.g. "Answer:"), kept when it adds exactly one token
+    (the id the model would emit there), and alone, kept when it is one token. A letter's ids are
+    the union; its probability is the sum over them. Letters must not share ids.
     """
     anchor = template.lettered.rsplit("}", 1)[-1] or ":"
     base = _encode(tokenizer, anchor, False)
@@ -619,7 +621,8 @@ def evaluate(items: Sequence[Item], scores: Scores, english: str = "en") -> dict
     """Accuracy per language and the pairwise metrics of every scoring method.
 
     Items are aligned across languages by id (pairs use the ids both languages have). For each
-    method: `accuracy` {lang: acc}; `pairs` {metric: matrix [l1][l2]} with l1 the row (transfer
+    method: `accuracy` {lang: acc}; `prediction_share` {lang: [fraction of items predicted as
+    option 0, 1, ...]}; `pairs` {metric: matrix [l1][l2]} with l1 the row (transfer
     is measured from l1 to l2: F1 is l1's correct set); `mean_over_pairs` {metric: mean over
     ordered pairs of distinct languages}; `vs_english` {metric: {lang: value with l1 = English}}.
     """
@@ -647,7 +650,12 @@ def evaluate(items: Sequence[Item], scores: Scores, english: str = "en") -> dict
         off = ~np.eye(len(langs), dtype=bool)
         mean = {m: float(np.nanmean(np.asarray(pairs[m])[off])) if off.any() and np.isfinite(np.asarray(pairs[m])[off]).any() else float("nan")
                 for m in PAIR_METRICS}
-        entry = {"accuracy": acc, "pairs": pairs, "mean_over_pairs": mean}
+        # How often each option position is picked: a model that always answers "B" looks
+        # consistent across languages without reading them (letter scoring in small models).
+        share = {lang: np.bincount(pred[[i for (_, lg), i in index.items() if lg == lang]], minlength=s.shape[-1]).tolist()
+                 for lang in langs}
+        share = {lang: [c / result["n_items"][lang] for c in counts] for lang, counts in share.items()}
+        entry = {"accuracy": acc, "prediction_share": share, "pairs": pairs, "mean_over_pairs": mean}
         if english in langs:
             e = langs.index(english)
             entry["vs_english"] = {m: {lang: pairs[m][e][b] for b, lang in enumerate(langs) if lang != english} for m in PAIR_METRICS}

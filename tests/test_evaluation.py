@@ -217,6 +217,7 @@ def test_evaluate_pairs_and_english():
     off = [m["pairs"]["negative_any"][a][b] for a in range(3) for b in range(3) if a != b]
     assert m["mean_over_pairs"]["negative_any"] == pytest.approx(np.mean(off))
     assert result["chance"] == 0.5
+    assert m["prediction_share"] == {"en": [0.75, 0.25], "xx": [0.75, 0.25], "yy": [0.25, 0.75]}
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -296,3 +297,16 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         main(argv + ["--overwrite"])
     assert {p.name for p in out.iterdir()} == names and not (tmp_path / "eval.partial").exists()  # old result intact
+
+
+def test_template_override(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"cues": {"cause": "Why?", "effect": "Then?"}, "context": "{stem}\nA:"}))
+    t = ev.XCOPA_TEMPLATE.override(path)
+    item = ev.Item("0", "et", "P.", ("x", "y"), 0, "cause")
+    assert t.context_text(item) == "P.\nQuestion: Why?\nA:" and t.lettered == ev.XCOPA_TEMPLATE.lettered
+    path.write_text(json.dumps({"stems": "{prompt}"}))
+    with pytest.raises(ValueError, match="fields from"):
+        ev.XCOPA_TEMPLATE.override(path)
+    with pytest.raises(ValueError, match="no cue for question kind 'other'"):
+        ev.XCOPA_TEMPLATE.context_text(ev.Item("0", "et", "P.", ("x", "y"), 0, "other"))

@@ -39,7 +39,7 @@ def run(args) -> int:
             items = [item for item in items if item.lang in keep]
         template = ev.TEMPLATES["jsonl"]
     if args.template:
-        template = ev.Template.from_json(args.template)
+        template = template.override(args.template)
     methods = {"both": ("options", "letters"), "options": ("options",), "letters": ("letters",)}[args.methods]
 
     t0 = time.perf_counter()
@@ -128,7 +128,7 @@ def plot_accuracy(path, result: dict) -> None:
     import matplotlib.pyplot as plt
 
     langs, methods = result["languages"], list(result["methods"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(langs) * len(methods) / 2), 3.5))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(langs) + 2), 3.5))
     width = 0.8 / len(methods)
     for k, m in enumerate(methods):
         ax.bar(np.arange(len(langs)) + k * width, [result["methods"][m]["accuracy"][lang] for lang in langs], width, label=m)
@@ -168,7 +168,7 @@ def plot_consistency(path, result: dict) -> None:
 
 
 def write_html(path, args, summary: dict, table: str) -> None:
-    from jaxlens.evaluation import METHOD_NAMES, PAIR_METRICS
+    from jaxlens.evaluation import LETTERS, METHOD_NAMES, PAIR_METRICS
     from jaxlens.report import Section, write_report
 
     langs, methods = summary["languages"], list(summary["methods"])
@@ -181,6 +181,11 @@ def write_html(path, args, summary: dict, table: str) -> None:
         Section("Accuracy per language", figure="accuracy.png",
                 table=(["lang", "n"] + methods + (["letter mass"] if "letter_mass" in summary else []), acc_rows)),
     ]
+    n_opts = len(next(iter(summary["methods"].values()))["prediction_share"][langs[0]])
+    share_rows = [[lang] + [summary["methods"][m]["prediction_share"][lang][k] for m in methods for k in range(n_opts)] for lang in langs]
+    sections.append(Section("Which option is picked", text="Fraction of items predicted as each option (A = first). "
+                            "A strong position bias makes languages look consistent without reading them.",
+                            table=(["lang"] + [f"{m} {LETTERS[k]}" for m in methods for k in range(n_opts)], share_rows)))
     for m in methods:
         entry = summary["methods"][m]
         if "vs_english" in entry:
@@ -205,7 +210,7 @@ def register(sub) -> None:
     p.add_argument("--split", default="val", help="XCOPA split: val (100 items) | test (500)")
     p.add_argument("--limit", type=int, help="first N items per language")
     p.add_argument("--methods", default="both", choices=("both", "options", "letters"), help="option log-likelihood, letter probability, or both")
-    p.add_argument("--template", help="JSON file overriding prompt template fields (see jaxlens.evaluation.Template)")
+    p.add_argument("--template", help="JSON file overriding fields of the dataset's prompt template (see jaxlens.evaluation.Template)")
     p.add_argument("--batch-rows", type=int, default=8, help="sequences per forward (every batch has this many rows)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
