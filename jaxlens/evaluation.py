@@ -411,15 +411,13 @@ def model_forward(model, *, tail: int | None = None, interventions: Any = None) 
 
 @partial(jax.jit, static_argnames=("config", "tail"))
 def _tail_logits(params, tokens, mask, extra, config, tail):
-    from jaxlens.models import forward
+    from jaxlens.models import forward, unembed
 
     logits, sites = forward(params, tokens, mask, config=config, capture=("final_norm",), **extra)
     if tail is None:
         return logits
-    h = sites["final_norm"][:, -tail:]  # [R, tail, D]; the full logits above are unused, so XLA drops them
-    if config.tie_embeddings:
-        return jnp.einsum("btd,vd->btv", h, params["embedding"].astype(h.dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", h, params["unembed"].astype(h.dtype), preferred_element_type=jnp.float32)
+    # [R, tail, V]; the full logits above are unused, so XLA drops them.
+    return unembed(params, sites["final_norm"][:, -tail:], config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,14 +5,14 @@ The sweep is one program per batch, and it costs far less than N² passes. The t
 one position, and attention is causal: every earlier position is the same as in the clean pass.
 So the clean pass runs once over the earlier tokens (`forward_cached`), and each (i, j) pair
 re-runs only the last K positions (the last prompt token and what is scored after it) on top of
-that cache, as a `jax.vmap` over pairs, `lax.map`ped over chunks of pairs to bound memory. Each
-pair's logits are reduced to scores inside the program, so [pairs, rows, K, vocab] never exists.
+that cache, as a `jax.vmap` over pairs, `lax.map`ped over chunks of pairs to bound memory
+(`jaxlens.sweep.run_stack`). Each pair's logits are reduced to scores inside the program, so
+[pairs, rows, K, vocab] never exists.
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,9 @@ import numpy as np
 from jaxlens import interventions as iv
 from jaxlens.config import ModelConfig
 from jaxlens.models import forward, forward_cached
+from jaxlens.evaluation import Item, Template
 from jaxlens.reducers import Take
+from jaxlens.sweep import run_stack, sweep_scores
 
 SITE = "mlp_out"  # the MLP's output before the residual add
 
@@ -40,49 +42,137 @@ def source_states(params, tokens, mask, *, config: ModelConfig, site: str = SITE
     return jnp.swapaxes(sites["source"][:, :, 0], 0, 1)  # [L, B, 1, D] -> [B, L, D]
 
 
-@partial(jax.jit, static_argnames=("config", "tail", "score", "chunk", "site"))
+def pair_stack(source, pairs, at, site: str = SITE):
+    """The transplant of every pair as one stacked intervention [P]: source [R, L, D] (each row's
+    source states), pairs [P, 2] (i, j), at [R, K] bool (where each row's value lands)."""
+    rows = jnp.arange(source.shape[0])
+    return jax.vmap(lambda pair: iv.transplant(site, source[rows, pair[0]], pair[1], at))(jnp.asarray(pairs))
+
+
+def landing(prompt_last, T: int, tail: int):
+    """[R, tail] bool: each row's last prompt token among the last `tail` columns."""
+    return jnp.arange(T - tail, T)[None, :] == jnp.asarray(prompt_last)[:, None]
+
+
 def sweep(params, tokens, mask, source, prompt_last, pairs, score_args=None, *, config: ModelConfig, tail: int,
-          score: Callable, chunk: int = 32, site: str = SITE):
-    """Scores of the target rows under every transplant pair.
+          score: Callable, chunk: int = 16, site: str = SITE):
+    """Scores of target rows under every transplant pair, as one program (`sweep.run_stack` with
+    the KV-cache tail: only the last `tail` positions are re-run per pair).
 
-    tokens, mask [R, T]: target rows, right-aligned (left padding), so the positions that matter sit
-      in the last `tail` columns; prompt_last [R]: each row's last prompt token (>= T - tail);
-    source [R, L, D]: each row's source states (`source_states` of its parallel source prompt);
-    pairs [P, 2] int32: (source layer, target layer);
-    score(logits [R, tail, V], score_args) -> arrays: reduces one pair's logits (letter or option
-      scores); a module-level function (it is static: a new one compiles anew), its data in score_args.
-    Returns score's output with a leading [P] axis.
+    tokens, mask [R, T]: target rows, right-aligned; prompt_last [R] (>= T - tail); source
+    [R, L, D]; pairs [P, 2]; score(logits [R, tail, V], score_args) -> arrays. Returns them [P, ...].
     """
-    T = tokens.shape[1]
-    _, _, cache = forward_cached(params, tokens[:, : T - tail], mask[:, : T - tail], config=config)
-    at = (jnp.arange(T - tail, T)[None, :] == prompt_last[:, None])  # [R, tail] where the transplant lands
-    rows = jnp.arange(tokens.shape[0])
-
-    def one(pair):  # pair [2]: (i, j)
-        graft = iv.transplant(site, source[rows, pair[0]], pair[1], at)
-        logits, _, _ = forward_cached(params, tokens[:, T - tail :], mask[:, T - tail :], config=config, past=cache,
-                                      interventions=graft)
-        return score(logits, score_args)
-
-    P = pairs.shape[0]
-    padded = -(-P // chunk) * chunk
-    grid = jnp.concatenate([pairs, jnp.broadcast_to(pairs[:1], (padded - P, 2))]).reshape(-1, chunk, 2)
-    out = jax.lax.map(jax.vmap(one), grid)  # [P/chunk, chunk, ...]
-    return jax.tree.map(lambda a: a.reshape((padded,) + a.shape[2:])[:P], out)
+    stack = pair_stack(source, pairs, landing(prompt_last, tokens.shape[1], tail), site)
+    return run_stack(params, tokens, mask, stack, score_args, config=config, tail=tail, score=score, tail_only=True,
+                     chunk=chunk)
 
 
 def sweep_loop(params, tokens, mask, source, prompt_last, pairs, score_args=None, *, config: ModelConfig, tail: int,
                score: Callable, site: str = SITE):
-    """The same as `sweep`, one jitted pass per pair from Python (the baseline the sweep replaces;
-    used by the benchmark and as a test reference)."""
-    T = tokens.shape[1]
-    _, _, cache = forward_cached(params, tokens[:, : T - tail], mask[:, : T - tail], config=config)
-    at = (jnp.arange(T - tail, T)[None, :] == jnp.asarray(prompt_last)[:, None])
-    rows = jnp.arange(tokens.shape[0])
+    """`sweep` one pair at a time from Python: the same passes, the baseline the sweep replaces."""
+    at = landing(prompt_last, tokens.shape[1], tail)
+    out = [run_stack(params, tokens, mask, pair_stack(source, pair[None], at, site), score_args, config=config, tail=tail,
+                     score=score, tail_only=True, chunk=1) for pair in np.asarray(pairs)]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *out)
+
+
+# ---- items: sources from the parallel English prompts, scores per pair, the paper's analyses ----
+
+
+def source_table(model, texts: Sequence[str], batch_rows: int = 8, site: str = SITE) -> np.ndarray:
+    """[N, L, D] source states of each text (its last token), batched with left padding."""
     out = []
-    for i, j in np.asarray(pairs):
-        graft = iv.transplant(site, source[rows, i], int(j), at)
-        logits, _, _ = forward_cached(params, tokens[:, T - tail :], mask[:, T - tail :], config=config, past=cache,
-                                      interventions=graft)
-        out.append(score(logits, score_args))
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
+    for start in range(0, len(texts), batch_rows):
+        ids = [model.tokenizer.encode(t, add_special_tokens=True) for t in texts[start : start + batch_rows]]
+        T = max(map(len, ids))
+        tokens = np.zeros((batch_rows, T), np.int32)
+        mask = np.zeros((batch_rows, T), np.int32)
+        mask[:, -1] = 1  # padding rows: one token
+        for r, seq in enumerate(ids):
+            tokens[r, T - len(seq) :], mask[r, T - len(seq) :] = seq, 1
+        out.append(np.asarray(source_states(model.params, tokens, mask, config=model.config, site=site))[: len(ids)])
+    return np.concatenate(out)
+
+
+def transplant_scores(model, items: Sequence[Item], template: Template, pairs=None, *, source_lang: str = "en",
+                      method: str = "letters", batch_rows: int = 8, chunk: int = 16, progress: bool = True):
+    """(targets, Scores [P, N, O], pairs): every target item (lang != source_lang) scored under each
+    pair, the source being its parallel source-language item (same id) at its last prompt token."""
+    sources = {item.id: item for item in items if item.lang == source_lang}
+    targets = [item for item in items if item.lang != source_lang]
+    missing = sorted({t.id for t in targets if t.id not in sources})
+    if missing:
+        raise ValueError(f"{len(missing)} target item(s) have no parallel {source_lang!r} item (same id), e.g. {missing[:3]}")
+    if not targets:
+        raise ValueError(f"no target items: every item is in the source language {source_lang!r}")
+    pairs = all_pairs(model.config.n_layers) if pairs is None else np.asarray(pairs, np.int32)
+    text = template.lettered_text if method == "letters" else template.context_text
+    order = sorted(sources)
+    table = source_table(model, [text(sources[i]) for i in order], batch_rows)  # [S, L, D]
+    row_of = np.array([order.index(t.id) for t in targets])
+
+    def build(batch, tail):
+        source = jnp.asarray(table[row_of[np.maximum(batch.item, 0)]])  # padding rows: any source, unscored
+        return pair_stack(source, pairs, landing(batch.prompt_last, batch.tokens.shape[1], tail))
+
+    scores = sweep_scores(model, targets, template, build, methods=(method,), tail_only=True, batch_rows=batch_rows,
+                          chunk=chunk, progress=progress)
+    return targets, scores, pairs
+
+
+def best_pair(accuracy, pairs, target_layer: int | None = None) -> tuple[int, int]:
+    """The pair with the highest accuracy [P] (METHODS.md §4 offline strategy): optionally only pairs
+    into `target_layer`; ties go to the smallest target layer j, then the largest source layer i."""
+    accuracy, pairs = np.asarray(accuracy), np.asarray(pairs)
+    allowed = np.ones(len(pairs), bool) if target_layer is None else pairs[:, 1] == target_layer
+    if not allowed.any():
+        raise ValueError(f"no pair has target layer {target_layer}")
+    order = np.lexsort((-pairs[:, 0], pairs[:, 1], -np.where(allowed, accuracy, -np.inf)))
+    i, j = pairs[order[0]]
+    return int(i), int(j)
+
+
+def analyse(targets: Sequence[Item], scores: np.ndarray, pairs, n_layers: int, clean: np.ndarray | None = None,
+            pilot: int = 50) -> dict:
+    """The paper's readings of a transplant sweep, per target language.
+
+    scores [P, N, O] (one method), clean [N, O] (no transplant). Per language: accuracy of every
+    pair as an [i][j] grid (source layer i, target layer j); the upper bound (an item counts if any
+    pair solves it) and the unions per source and per target layer; the offline strategy: the best
+    pair on the first `pilot` items (over all pairs, and into target layer 0), applied to the rest.
+    """
+    from jaxlens.evaluation import predictions
+
+    pairs = np.asarray(pairs)
+    answers = np.array([t.answer for t in targets])
+    correct = predictions(scores) == answers  # [P, N]
+    clean_correct = None if clean is None else predictions(clean) == answers
+    out = {}
+    for lang in dict.fromkeys(t.lang for t in targets):
+        idx = np.array([n for n, t in enumerate(targets) if t.lang == lang])
+        c = correct[:, idx]  # [P, n]
+        grid = np.full((n_layers, n_layers), np.nan)
+        grid[pairs[:, 0], pairs[:, 1]] = c.mean(1)
+        by = lambda axis: [float(c[pairs[:, axis] == layer].any(0).mean()) if (pairs[:, axis] == layer).any() else None  # noqa: E731
+                           for layer in range(n_layers)]
+        entry = {
+            "n_items": int(len(idx)),
+            "clean": None if clean_correct is None else float(clean_correct[idx].mean()),
+            "pair_accuracy": grid.tolist(),
+            "upper_bound": float(c.any(0).mean()),
+            "per_source_union": by(0),
+            "per_target_union": by(1),
+        }
+        pilot_idx, test_idx = np.arange(min(pilot, len(idx) // 2)), np.arange(min(pilot, len(idx) // 2), len(idx))
+        if len(pilot_idx) and len(test_idx):
+            strategies = {}
+            for name, target_layer in (("best_pair", None), ("best_pair_into_layer_0", 0)):
+                i, j = best_pair(c[:, pilot_idx].mean(1), pairs, target_layer)
+                p = int(np.flatnonzero((pairs[:, 0] == i) & (pairs[:, 1] == j))[0])
+                strategies[name] = {"pair": [i, j], "pilot_accuracy": float(c[p, pilot_idx].mean()),
+                                    "test_accuracy": float(c[p, test_idx].mean())}
+            entry["offline"] = {"pilot_items": int(len(pilot_idx)), "test_items": int(len(test_idx)),
+                                "clean_test_accuracy": None if clean_correct is None else float(clean_correct[idx][test_idx].mean()),
+                                **strategies}
+        out[lang] = entry
+    return out

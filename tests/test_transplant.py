@@ -76,3 +76,77 @@ def test_a_pass_transplanted_into_itself_at_the_same_layer_changes_nothing(setup
                               tail=1, score=last_logits))
     for layer in range(L):
         np.testing.assert_allclose(got[layer], np.asarray(clean[:, -1]), atol=3e-5)
+
+
+# ---- items: scores per pair against the evaluation harness with the transplant in a full pass ----
+
+from test_evaluation import tiny, tiny_tokenizer  # noqa: E402,F401  (the tiny model with a tokenizer)
+
+from jaxlens import evaluation as ev  # noqa: E402
+
+PARALLEL = [
+    ev.Item("1", "en", "The man.", ("Water.", "The toilet."), 1, "effect"),
+    ev.Item("2", "en", "She lost.", ("Milk.", "Tap."), 0, "cause"),
+    ev.Item("1", "xx", "A man.", ("Milk.", "The tap."), 1, "effect"),
+    ev.Item("2", "xx", "He poured.", ("Water.", "A toilet."), 0, "cause"),
+]
+
+
+def test_item_scores_equal_the_harness_with_a_full_pass_transplant(tiny):
+    model, _, _ = tiny
+    template = ev.XCOPA_TEMPLATE
+    L = model.config.n_layers
+    pairs = np.array([[0, 2], [2, 0], [1, 1]], np.int32)
+    targets, scores, _ = xt.transplant_scores(model, PARALLEL, template, pairs, method="letters", progress=False)
+    assert [t.lang for t in targets] == ["xx", "xx"] and scores.letter.shape == (3, 2, 2)
+    english = [i for i in PARALLEL if i.lang == "en"]
+    source = xt.source_table(model, [template.lettered_text(i) for i in english])  # [2, L, D], ids in order
+    for p, (i, j) in enumerate(pairs):
+        def forward_fn(tokens, mask, batch, i=i, j=j):
+            src = jnp.asarray(source[np.maximum(batch.item, 0), i])
+            graft = iv.transplant("mlp_out", src, j, iv.at_positions(batch.prompt_last, tokens.shape[1]))
+            return forward(model.params, tokens, mask, config=model.config, interventions=graft)[0]
+        direct = ev.score_items(targets, model.tokenizer, forward_fn, template, model=model, methods=("letters",), progress=False)
+        np.testing.assert_allclose(scores.letter[p], direct.letter, atol=1e-4)
+    assert L >= 3
+
+
+def test_analyse_upper_bound_unions_and_offline_pair():
+    targets = [ev.Item(str(n), "xx", "q", ("a", "b"), 0) for n in range(4)]
+    pairs = xt.all_pairs(2)  # (0,0) (0,1) (1,0) (1,1)
+    correct = np.array([[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 1], [1, 0, 0, 1]], bool)  # [P, N]
+    scores = np.where(correct[..., None], [[1.0, 0.0]], [[0.0, 1.0]])  # option 0 is the answer
+    clean = np.tile([[0.0, 1.0]], (4, 1))  # always wrong
+    r = xt.analyse(targets, scores, pairs, 2, clean=clean, pilot=2)["xx"]
+    assert r["clean"] == 0 and r["upper_bound"] == 0.75
+    assert r["pair_accuracy"] == [[0.25, 0.5], [0.25, 0.5]]
+    assert r["per_source_union"] == [0.75, 0.5] and r["per_target_union"] == [0.5, 0.75]
+    # Pilot = items 0, 1: pairs (0,0), (0,1), (1,1) tie at 0.5; the smallest target layer wins: (0, 0).
+    assert r["offline"]["best_pair"]["pair"] == [0, 0] and r["offline"]["best_pair"]["test_accuracy"] == 0.0
+    assert r["offline"]["best_pair_into_layer_0"]["pair"] == [0, 0]
+    assert xt.best_pair([0.5, 0.5, 0.9, 0.5], pairs, target_layer=1) == (1, 1)  # ties at j=1: largest i
+
+
+def test_transplant_needs_parallel_sources(tiny):
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match="no parallel 'en' item"):
+        xt.transplant_scores(model, PARALLEL[2:] + PARALLEL[:1], ev.XCOPA_TEMPLATE, progress=False)
+
+
+def test_cli_end_to_end(tiny, tmp_path):
+    import json
+
+    from jaxlens.cli import main
+
+    _, _, directory = tiny
+    data = tmp_path / "mc.jsonl"
+    rows = [{"id": i, "lang": lang, "question": f"The man {w}.", "options": ["Water.", "Milk."], "answer": i % 2}
+            for lang, w in (("en", "turned"), ("xx", "poured")) for i in range(4)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "transplant"
+    assert main(["transplant", "--model", str(directory), "--data", str(data), "--langs", "xx", "--pilot", "2",
+                 "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"summary.json", "pairs.npz", "heatmaps.png", "index.html"}
+    summary = json.loads((out / "summary.json").read_text())
+    L = summary["n_layers"]
+    assert len(summary["languages"]["xx"]["pair_accuracy"]) == L and "offline" in summary["languages"]["xx"]

@@ -25,10 +25,10 @@ from flax import struct
 
 from jaxlens.config import ModelConfig
 from jaxlens.models.rope import rope_tables
-from jaxlens.models.transformer import REDUCED, REDUCED_PREFIX, Transformer
+from jaxlens.models.transformer import REDUCED, REDUCED_PREFIX, Transformer, unembed
 from jaxlens.sites import LAYER_SITES, SITES, check_sites
 
-__all__ = ["KVCache", "forward", "forward_cached", "init_params", "param_shapes", "Transformer"]
+__all__ = ["KVCache", "forward", "forward_cached", "init_params", "param_shapes", "Transformer", "unembed"]
 
 
 def _shared_inputs(cfg: ModelConfig, attention_mask, interventions=None, reducers=None, past_mask=None):

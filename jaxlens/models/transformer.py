@@ -107,6 +107,16 @@ def softcap(x, cap: float | None):
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
+def unembed(params, h, cfg: ModelConfig):
+    """Final-normed states h [..., D] -> logits [..., V] float32: the (tied or own) unembedding,
+    then Gemma 2's final soft-cap. The one place logits are made (forward, lens, scoring)."""
+    if cfg.tie_embeddings:  # contract with the embedding's own [V, D] layout: no transpose copy
+        logits = jnp.einsum("...d,vd->...v", h, params["embedding"].astype(h.dtype), preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("...d,dv->...v", h, params["unembed"].astype(h.dtype), preferred_element_type=jnp.float32)
+    return softcap(logits, cfg.final_softcap)
+
+
 class Linear(nn.Module):
     """x [..., in] -> [..., *out_shape], kernel [in, *out_shape]; einsum so heads stay an axis."""
 
@@ -252,10 +262,7 @@ class Transformer(nn.Module):
 
         x = make_norm(c, "final_norm")(x)
         sow(self, "final_norm", x)
-        if c.tie_embeddings:  # contract with the embedding's own [V, D] layout: no transpose copy
-            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
-        else:
-            unembed = self.param("unembed", nn.initializers.normal(0.02), (c.d_model, c.vocab_size))
-            logits = jnp.einsum("btd,dv->btv", x, unembed.astype(x.dtype), preferred_element_type=jnp.float32)
-        logits = softcap(logits, c.final_softcap)
+        if not c.tie_embeddings:
+            self.param("unembed", nn.initializers.normal(0.02), (c.d_model, c.vocab_size))
+        logits = unembed(self.variables["params"], x, c)
         return (logits, kv) if self.return_kv else logits

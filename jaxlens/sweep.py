@@ -1,0 +1,121 @@
+"""Score multiple-choice items under many interventions at once (steering grids, transplant pairs).
+
+A *stack* is P interventions of one kind with a leading [P] axis (`interventions.stack`, or a
+constructor under `jax.vmap`). Per batch of rows (`jaxlens.evaluation.make_batches`), one jitted
+program runs all P, `jax.vmap`ped over chunks of the stack and `lax.map`ped over the chunks, and
+reduces each one's logits to scores right away: the [P, rows, positions, vocab] logits never
+exist, so a 262k vocabulary and hundreds of points fit in memory.
+
+`tail_only=True` is for interventions that touch only the last `tail` positions of the rows (the
+last prompt token and what is scored after it): attention is causal, so every earlier position
+is the same as in the clean pass. The clean pass then runs once over the earlier tokens
+(`forward_cached`) and each point re-runs only the last `tail` positions on that KV cache:
+P x tail tokens instead of P x T. The stack's positions are then relative to those last `tail`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlens.config import ModelConfig
+from jaxlens.evaluation import (
+    Batch, Item, Scores, Template, continuation_logprob, letter_logprobs, letter_rows, letter_token_ids, make_batches,
+    option_rows, _scatter,
+)
+from jaxlens.models import forward, forward_cached, unembed
+
+
+def score_letters(logits, args):
+    """logits [R, tail, V] -> (restricted letter log-probs [R, n], their full-softmax mass [R])."""
+    table, n_options = args
+    return letter_logprobs(logits[:, -1], table, n_options)
+
+
+def score_options(logits, args):
+    """logits [R, tail, V] -> summed log-prob of each row's continuation [R]."""
+    tokens, target = args
+    return continuation_logprob(logits, tokens, target)
+
+
+@partial(jax.jit, static_argnames=("config", "tail", "score", "tail_only", "chunk"))
+def run_stack(params, tokens, mask, stack, score_args, *, config: ModelConfig, tail: int, score: Callable,
+              tail_only: bool, chunk: int = 16):
+    """score(logits of the last `tail` positions, score_args) for each of the stack's P points:
+    its outputs with a leading [P] axis. tokens, mask [R, T], right-aligned (left padding)."""
+    T = tokens.shape[1]
+    if tail_only:
+        _, _, cache = forward_cached(params, tokens[:, : T - tail], mask[:, : T - tail], config=config)
+
+        def one(intervention):
+            logits, _, _ = forward_cached(params, tokens[:, T - tail :], mask[:, T - tail :], config=config, past=cache,
+                                          interventions=intervention)
+            return score(logits, score_args)
+    else:
+
+        def one(intervention):
+            _, sites = forward(params, tokens, mask, config=config, capture=("final_norm",), interventions=intervention)
+            return score(unembed(params, sites["final_norm"][:, T - tail :], config), score_args)
+
+    P = jax.tree.leaves(stack)[0].shape[0]
+    padded = -(-P // chunk) * chunk
+    chunks = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], padded - P, 0)]).reshape((-1, chunk) + a.shape[1:]), stack)
+    out = jax.lax.map(jax.vmap(one), chunks)  # [P/chunk, chunk, ...]
+    return jax.tree.map(lambda a: a.reshape((padded,) + a.shape[2:])[:P], out)
+
+
+def sweep_scores(model, items: Sequence[Item], template: Template, build: Callable[[Batch, int], object], *,
+                 methods: Sequence[str] = ("letters",), tail_only: bool, batch_rows: int = 8, chunk: int = 16,
+                 progress: bool = True) -> Scores:
+    """Scores [P, N, O] of every item under each of P interventions.
+
+    build(batch, tail) -> the stack for this batch (it may depend on the rows: batch.item maps rows
+    to items, batch.prompt_last gives each row's last prompt token); positions in it cover the last
+    `tail` columns when tail_only, else all T. methods: "letters" and/or "options" (as in
+    `evaluation.score_items`).
+    """
+    from tqdm import tqdm
+
+    tokenizer, config = model.tokenizer, model.config
+    n_opts = max(len(item.options) for item in items)
+    pad_id = config.pad_token_id or 0
+    scores = Scores()
+    for method in methods:
+        if method == "letters":
+            ids = letter_token_ids(tokenizer, template, n_opts)
+            table = np.full((n_opts, max(map(len, ids))), -1, np.int32)
+            for k, group in enumerate(ids):
+                table[k, : len(group)] = group
+            n_options = np.array([len(item.options) for item in items])
+            rows = letter_rows(items, tokenizer, template)
+        elif method == "options":
+            rows = option_rows(items, tokenizer, template)
+        else:
+            raise ValueError(f"unknown scoring method {method!r}; use letters, options")
+        values = []
+        for batch in tqdm(make_batches(rows, batch_rows, pad_id, config.max_positions), desc=f"sweep ({method})",
+                          disable=not progress, leave=False):
+            tail = batch.tail
+            if method == "letters":
+                args = (table, np.where(batch.item >= 0, n_options[np.maximum(batch.item, 0)], 1))
+                score = score_letters
+            else:
+                args, score = (batch.tokens, batch.target), score_options
+            out = run_stack(model.params, batch.tokens, batch.mask, build(batch, tail), args, config=config, tail=tail,
+                            score=score, tail_only=tail_only, chunk=chunk)
+            values.append((batch, jax.tree.map(np.asarray, out)))
+        if method == "letters":
+            scores.letter = _scatter([(b, v[0]) for b, v in values], len(items), n_opts, per_option=True)
+            scores.letter = np.where(np.isfinite(scores.letter), scores.letter, np.nan)
+            scores.letter_mass = _scatter([(b, v[1]) for b, v in values], len(items), None)
+        else:
+            scores.ll = _scatter(values, len(items), n_opts)
+            scores.n_tokens = _scatter([(b, np.asarray(b.target.sum(-1), np.float64)) for b, _ in values], len(items), n_opts)
+            scores.n_chars = np.full((len(items), n_opts), np.nan)
+            for i, item in enumerate(items):
+                scores.n_chars[i, : len(item.options)] = [len(o) for o in item.options]
+    return scores
