@@ -20,9 +20,8 @@ import numpy as np
 
 from jaxlens import interventions as iv
 from jaxlens.config import ModelConfig
-from jaxlens.models import forward, forward_cached
 from jaxlens.evaluation import Item, Template
-from jaxlens.reducers import Take
+from jaxlens.states import last_token_states
 from jaxlens.sweep import run_stack, sweep_scores
 
 SITE = "mlp_out"  # the MLP's output before the residual add
@@ -32,14 +31,6 @@ def all_pairs(n_layers: int) -> np.ndarray:
     """[(i, j)] for every source layer i and target layer j: [N*N, 2] int32, i major."""
     i, j = np.meshgrid(np.arange(n_layers), np.arange(n_layers), indexing="ij")
     return np.stack([i.ravel(), j.ravel()], axis=-1).astype(np.int32)
-
-
-def source_states(params, tokens, mask, *, config: ModelConfig, site: str = SITE) -> jnp.ndarray:
-    """The site's value at each row's last real token, every layer: [B, L, D] (rows of the source
-    language pass; left or right padding)."""
-    take = Take(site, iv.last_index(mask)[:, None])
-    _, sites = forward(params, tokens, mask, config=config, reducers={"source": take})
-    return jnp.swapaxes(sites["source"][:, :, 0], 0, 1)  # [L, B, 1, D] -> [B, L, D]
 
 
 def pair_stack(source, pairs, at, site: str = SITE):
@@ -79,23 +70,9 @@ def sweep_loop(params, tokens, mask, source, prompt_last, pairs, score_args=None
 # ---- items: sources from the parallel English prompts, scores per pair, the paper's analyses ----
 
 
-def source_table(model, texts: Sequence[str], batch_rows: int = 8, site: str = SITE) -> np.ndarray:
-    """[N, L, D] source states of each text (its last token), batched with left padding."""
-    out = []
-    for start in range(0, len(texts), batch_rows):
-        ids = [model.tokenizer.encode(t, add_special_tokens=True) for t in texts[start : start + batch_rows]]
-        T = max(map(len, ids))
-        tokens = np.zeros((batch_rows, T), np.int32)
-        mask = np.zeros((batch_rows, T), np.int32)
-        mask[:, -1] = 1  # padding rows: one token
-        for r, seq in enumerate(ids):
-            tokens[r, T - len(seq) :], mask[r, T - len(seq) :] = seq, 1
-        out.append(np.asarray(source_states(model.params, tokens, mask, config=model.config, site=site))[: len(ids)])
-    return np.concatenate(out)
-
-
 def transplant_scores(model, items: Sequence[Item], template: Template, pairs=None, *, source_lang: str = "en",
-                      method: str = "letters", batch_rows: int = 8, chunk: int = 16, progress: bool = True):
+                      method: str = "letters", batch_rows: int = 8, chunk: int = 16, progress: bool = True,
+                      site: str = SITE):
     """(targets, Scores [P, N, O], pairs): every target item (lang != source_lang) scored under each
     pair, the source being its parallel source-language item (same id) at its last prompt token."""
     sources = {item.id: item for item in items if item.lang == source_lang}
@@ -108,12 +85,12 @@ def transplant_scores(model, items: Sequence[Item], template: Template, pairs=No
     pairs = all_pairs(model.config.n_layers) if pairs is None else np.asarray(pairs, np.int32)
     text = template.lettered_text if method == "letters" else template.context_text
     order = sorted(sources)
-    table = source_table(model, [text(sources[i]) for i in order], batch_rows)  # [S, L, D]
+    table = last_token_states(model, [text(sources[i]) for i in order], site=site, batch_rows=batch_rows)  # [S, L, D]
     row_of = np.array([order.index(t.id) for t in targets])
 
     def build(batch, tail):
         source = jnp.asarray(table[row_of[np.maximum(batch.item, 0)]])  # padding rows: any source, unscored
-        return pair_stack(source, pairs, landing(batch.prompt_last, batch.tokens.shape[1], tail))
+        return pair_stack(source, pairs, landing(batch.prompt_last, batch.tokens.shape[1], tail), site)
 
     scores = sweep_scores(model, targets, template, build, methods=(method,), tail_only=True, batch_rows=batch_rows,
                           chunk=chunk, progress=progress)

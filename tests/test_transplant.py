@@ -9,6 +9,7 @@ import pytest
 
 from jaxlens import interventions as iv
 from jaxlens import transplant as xt
+from jaxlens.states import last_states, last_token_states
 from jaxlens.converters.families import config_from_hf
 from jaxlens.models import forward, init_params
 
@@ -29,7 +30,7 @@ def setup():
     src = rng.integers(0, 64, (3, 8)).astype(np.int32)
     smask = np.ones_like(src)
     smask[2, :2] = 0
-    source = xt.source_states(params, src, smask, config=config)
+    source = last_states(params, src, smask, config=config, site="mlp_out")
     return config, params, target, tmask, source
 
 
@@ -47,7 +48,7 @@ def test_source_states_are_the_last_token_mlp_out(setup):
     smask = np.ones_like(src)
     smask[2, :2] = 0
     _, sites = forward(params, src, smask, config=config, capture=("mlp_out",))
-    np.testing.assert_array_equal(np.asarray(xt.source_states(params, src, smask, config=config)),
+    np.testing.assert_array_equal(np.asarray(last_states(params, src, smask, config=config, site="mlp_out")),
                                   np.swapaxes(np.asarray(sites["mlp_out"][:, :, -1]), 0, 1))
 
 
@@ -69,7 +70,7 @@ def test_every_pair_equals_a_full_pass(setup, tail):
 
 def test_a_pass_transplanted_into_itself_at_the_same_layer_changes_nothing(setup):
     config, params, target, tmask, _ = setup
-    own = xt.source_states(params, target, tmask, config=config)
+    own = last_states(params, target, tmask, config=config, site="mlp_out")
     clean, _ = forward(params, target, tmask, config=config)
     diagonal = np.stack([np.arange(L), np.arange(L)], -1).astype(np.int32)
     got = np.asarray(xt.sweep(params, target, tmask, own, np.full(3, target.shape[1] - 1), diagonal, config=config,
@@ -100,7 +101,7 @@ def test_item_scores_equal_the_harness_with_a_full_pass_transplant(tiny):
     targets, scores, _ = xt.transplant_scores(model, PARALLEL, template, pairs, method="letters", progress=False)
     assert [t.lang for t in targets] == ["xx", "xx"] and scores.letter.shape == (3, 2, 2)
     english = [i for i in PARALLEL if i.lang == "en"]
-    source = xt.source_table(model, [template.lettered_text(i) for i in english])  # [2, L, D], ids in order
+    source = last_token_states(model, [template.lettered_text(i) for i in english], site="mlp_out")  # [2, L, D], ids in order
     for p, (i, j) in enumerate(pairs):
         def forward_fn(tokens, mask, batch, i=i, j=j):
             src = jnp.asarray(source[np.maximum(batch.item, 0), i])
