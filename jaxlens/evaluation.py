@@ -1,7 +1,7 @@
 """Multilingual multiple-choice evaluation: items, prompt templates, batched scoring, metrics.
 
     items = load_xcopa(["et", "zh"], english=True)              # or load_jsonl("mmlu.jsonl")
-    scores = score_items(items, model.tokenizer, model_forward(model), XCOPA_TEMPLATE)
+    scores = score_items(items, model.tokenizer, template=XCOPA_TEMPLATE, model=model)
     result = evaluate(items, scores)                            # accuracy, consistency, transfer
 
 Two scorings of every item (METHODS.md §1, §2):
@@ -12,8 +12,9 @@ Two scorings of every item (METHODS.md §1, §2):
 
 Scoring reuses any forward: `forward_fn(tokens [R, T], mask [R, T]) -> logits [..., R, K, V]`
 for the LAST K positions (K <= T; rows are right-aligned, so every scored position is near the
-end). Steering or transplant pass their own `forward_fn` (a modified forward, or a vmapped sweep
-with leading axes: the scores then carry the same leading axes).
+end); a forward_fn with a `batch` parameter also receives the `Batch` (row -> item, option,
+prompt_last). Steering or transplant pass their own (a modified forward, or a vmapped sweep with
+leading axes: the scores then carry the same leading axes; `Scores.at(...)` picks one point).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import math
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
