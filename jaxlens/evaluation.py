@@ -20,6 +20,7 @@ leading axes: the scores then carry the same leading axes; `Scores.at(...)` pick
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 from functools import partial
@@ -477,6 +478,8 @@ def score_items(items: Sequence[Item], tokenizer, forward_fn: Callable | None = 
         raise ValueError(f"unknown scoring method(s) {sorted(methods - {'options', 'letters'})}; use options, letters")
     if forward_fn is None and model is None:
         raise ValueError("give forward_fn or model")
+    if not items:
+        raise ValueError("no items to score")
     n_opts = max(len(item.options) for item in items)
     N = len(items)
     config = getattr(model, "config", None)
@@ -512,20 +515,20 @@ def _score_options(batch: Batch, logits):
     if batch.target[:, : batch.tokens.shape[1] - (K - 1)].any():
         raise ValueError(f"forward_fn returned logits for the last {logits.shape[-2]} positions; "
                          f"scoring needs the last {int(batch.target.sum(-1).max()) + 1}")
-    return np.asarray(continuation_logprob(logits[..., -K:, :], batch.tokens, batch.target), np.float64)
+    return continuation_logprob(logits[..., -K:, :], batch.tokens, batch.target)
 
 
 def _score_letters(batch: Batch, logits, table, n_options):
     rows_n = np.where(batch.item >= 0, n_options[np.maximum(batch.item, 0)], 1)
-    restricted, mass = letter_logprobs(logits[..., -1, :], table, rows_n)
-    return np.asarray(restricted, np.float64), np.asarray(mass, np.float64)
+    return letter_logprobs(logits[..., -1, :], table, rows_n)
 
 
 def _run(batches: list[Batch], forward_fn, score_fn, label: str, progress: bool):
-    """forward_fn then score_fn on each batch, with a progress bar in tokens/s."""
-    from tqdm import tqdm
+    """forward_fn then score_fn on each batch, with a progress bar in tokens/s.
 
-    import inspect
+    Results are read back one batch behind, so the device runs batch n+1 while the host waits
+    for batch n."""
+    from tqdm import tqdm
 
     try:
         wants_batch = "batch" in inspect.signature(forward_fn).parameters
@@ -534,10 +537,20 @@ def _run(batches: list[Batch], forward_fn, score_fn, label: str, progress: bool)
     out = []
     bar = tqdm(total=sum(int(b.mask[b.item >= 0].sum()) for b in batches), desc=label, unit="tok",
                unit_scale=True, disable=not progress, leave=False)
+
+    def finish(b, result):
+        out.append((b, jax.tree.map(lambda x: np.asarray(x, np.float64), result)))
+        bar.update(int(b.mask[b.item >= 0].sum()))
+
+    pending = None
     for b in batches:
         logits = forward_fn(b.tokens, b.mask, batch=b) if wants_batch else forward_fn(b.tokens, b.mask)
-        out.append((b, score_fn(b, logits)))
-        bar.update(int(b.mask[b.item >= 0].sum()))
+        result = score_fn(b, logits)
+        if pending is not None:
+            finish(*pending)
+        pending = (b, result)
+    if pending is not None:
+        finish(*pending)
     bar.close()
     return out
 
