@@ -1,7 +1,7 @@
 """Multilingual multiple-choice evaluation: items, prompt templates, batched scoring, metrics.
 
     items = load_xcopa(["et", "zh"], english=True)              # or load_jsonl("mmlu.jsonl")
-    scores = score_items(items, model.tokenizer, model_forward(model), XCOPA_TEMPLATE)
+    scores = score_items(items, model.tokenizer, template=XCOPA_TEMPLATE, model=model)
     result = evaluate(items, scores)                            # accuracy, consistency, transfer
 
 Two scorings of every item (METHODS.md §1, §2):
@@ -12,18 +12,20 @@ Two scorings of every item (METHODS.md §1, §2):
 
 Scoring reuses any forward: `forward_fn(tokens [R, T], mask [R, T]) -> logits [..., R, K, V]`
 for the LAST K positions (K <= T; rows are right-aligned, so every scored position is near the
-end). Steering or transplant pass their own `forward_fn` (a modified forward, or a vmapped sweep
-with leading axes: the scores then carry the same leading axes).
+end); a forward_fn with a `batch` parameter also receives the `Batch` (row -> item, option,
+prompt_last). Steering or transplant pass their own (a modified forward, or a vmapped sweep with
+leading axes: the scores then carry the same leading axes; `Scores.at(...)` picks one point).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -474,6 +476,8 @@ def score_items(items: Sequence[Item], tokenizer, forward_fn: Callable | None = 
         raise ValueError(f"unknown scoring method(s) {sorted(methods - {'options', 'letters'})}; use options, letters")
     if forward_fn is None and model is None:
         raise ValueError("give forward_fn or model")
+    if not items:
+        raise ValueError("no items to score")
     n_opts = max(len(item.options) for item in items)
     N = len(items)
     config = getattr(model, "config", None)
@@ -509,20 +513,20 @@ def _score_options(batch: Batch, logits):
     if batch.target[:, : batch.tokens.shape[1] - (K - 1)].any():
         raise ValueError(f"forward_fn returned logits for the last {logits.shape[-2]} positions; "
                          f"scoring needs the last {int(batch.target.sum(-1).max()) + 1}")
-    return np.asarray(continuation_logprob(logits[..., -K:, :], batch.tokens, batch.target), np.float64)
+    return continuation_logprob(logits[..., -K:, :], batch.tokens, batch.target)
 
 
 def _score_letters(batch: Batch, logits, table, n_options):
     rows_n = np.where(batch.item >= 0, n_options[np.maximum(batch.item, 0)], 1)
-    restricted, mass = letter_logprobs(logits[..., -1, :], table, rows_n)
-    return np.asarray(restricted, np.float64), np.asarray(mass, np.float64)
+    return letter_logprobs(logits[..., -1, :], table, rows_n)
 
 
 def _run(batches: list[Batch], forward_fn, score_fn, label: str, progress: bool):
-    """forward_fn then score_fn on each batch, with a progress bar in tokens/s."""
-    from tqdm import tqdm
+    """forward_fn then score_fn on each batch, with a progress bar in tokens/s.
 
-    import inspect
+    Results are read back one batch behind, so the device runs batch n+1 while the host waits
+    for batch n."""
+    from tqdm import tqdm
 
     try:
         wants_batch = "batch" in inspect.signature(forward_fn).parameters
@@ -531,10 +535,20 @@ def _run(batches: list[Batch], forward_fn, score_fn, label: str, progress: bool)
     out = []
     bar = tqdm(total=sum(int(b.mask[b.item >= 0].sum()) for b in batches), desc=label, unit="tok",
                unit_scale=True, disable=not progress, leave=False)
+
+    def finish(b, result):
+        out.append((b, jax.tree.map(lambda x: np.asarray(x, np.float64), result)))
+        bar.update(int(b.mask[b.item >= 0].sum()))
+
+    pending = None
     for b in batches:
         logits = forward_fn(b.tokens, b.mask, batch=b) if wants_batch else forward_fn(b.tokens, b.mask)
-        out.append((b, score_fn(b, logits)))
-        bar.update(int(b.mask[b.item >= 0].sum()))
+        result = score_fn(b, logits)
+        if pending is not None:
+            finish(*pending)
+        pending = (b, result)
+    if pending is not None:
+        finish(*pending)
     bar.close()
     return out
 

@@ -310,3 +310,33 @@ def test_template_override(tmp_path):
         ev.XCOPA_TEMPLATE.override(path)
     with pytest.raises(ValueError, match="no cue for question kind 'other'"):
         ev.XCOPA_TEMPLATE.context_text(ev.Item("0", "et", "P.", ("x", "y"), 0, "other"))
+
+
+@pytest.mark.slow
+def test_eight_devices_score_like_one(tiny):  # ~45 s: a subprocess with 8 host devices
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, _, directory = tiny
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    script = Path(__file__).with_name("eval_mesh_check.py")
+    run = subprocess.run([sys.executable, str(script), str(directory)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "max abs diff 1 vs 8 devices" in run.stdout
+
+
+@pytest.mark.slow
+def test_real_model_scores_match_full_logits():  # SmolLM2-135M (byte-level BPE): ~75 s on the shared CPU
+    import jaxlens
+
+    model = jaxlens.load("smollm2-135m")
+    tok = model.tokenizer
+    assert [set(tok.convert_ids_to_tokens(g)) for g in ev.letter_token_ids(tok, ev.XCOPA_TEMPLATE, 2)] == [{"A", "ĠA"}, {"B", "ĠB"}]
+    items = ev.load_xcopa(["zh"], limit=3)
+    tail = ev.score_items(items, tok, template=ev.XCOPA_TEMPLATE, model=model, progress=False)  # logits at the tail only
+    full = ev.score_items(items, tok, lambda t, m: model(t, m)[0], ev.XCOPA_TEMPLATE, model=model, progress=False)
+    np.testing.assert_allclose(tail.ll, full.ll, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(tail.letter, full.letter, rtol=1e-5, atol=1e-5)
+    assert np.all(tail.ll < 0) and np.all((tail.letter_mass > 0) & (tail.letter_mass <= 1))
