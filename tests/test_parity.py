@@ -143,3 +143,16 @@ def test_alibi_slopes_match_transformers():
     for n_heads in (1, 2, 3, 4, 5, 6, 8, 12, 16, 20, 32, 112):
         # float32 pow may differ in the last bit between numpy and torch
         np.testing.assert_allclose(alibi_slopes(n_heads), _get_alibi_slopes(n_heads, "cpu").numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bloom"])
+def test_base_model_checkpoint_loads_like_the_causal_lm(tiny_checkpoint, tmp_path, model_type):
+    """The hub's GPT-2 and BLOOM files were saved from the bare base model: no 'transformer.' prefix."""
+    from safetensors import safe_open
+
+    hf_model, directory = tiny_checkpoint(model_type)
+    hf_model.transformer.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "np") as f:
+        assert not any(name.startswith("transformer.") for name in f.keys())
+    tokens = random_tokens(4, (2, 9))
+    np.testing.assert_array_equal(np.asarray(jaxlens.load(tmp_path)(tokens)[0]), np.asarray(jaxlens.load(directory)(tokens)[0]))

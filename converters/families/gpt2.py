@@ -74,4 +74,4 @@ def tensors(cfg):
 
 
 # Old checkpoints also hold the causal-mask buffers attn.bias / attn.masked_bias.
-FAMILY = Family("gpt2", ("gpt2",), config, tensors, ignored=(r".*\.attn\.(bias|masked_bias)",))
+FAMILY = Family("gpt2", ("gpt2",), config, tensors, ignored=(r".*\.attn\.(bias|masked_bias)",), prefix="transformer.")
