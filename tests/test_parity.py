@@ -119,7 +119,7 @@ def test_padded_batch_equals_each_sequence_alone(tiny_checkpoint, model_type, pa
             assert max_diff(sites["resid_post"][i - 1, row, span], ref_hidden[i][0]) < TOL
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "bloom"])
 def test_bfloat16_tracks_float32_reference(tiny_checkpoint, model_type):
     """bf16 params and activations stay close to the float32 reference, relative to the logit scale."""
     hf_model, directory = tiny_checkpoint(model_type)
