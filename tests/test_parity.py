@@ -156,3 +156,20 @@ def test_base_model_checkpoint_loads_like_the_causal_lm(tiny_checkpoint, tmp_pat
         assert not any(name.startswith("transformer.") for name in f.keys())
     tokens = random_tokens(4, (2, 9))
     np.testing.assert_array_equal(np.asarray(jaxlens.load(tmp_path)(tokens)[0]), np.asarray(jaxlens.load(directory)(tokens)[0]))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2"])
+def test_lens_on_the_last_layer_is_the_model_itself(tiny_checkpoint, model_type):
+    """The logit lens applies each family's own head: RMSNorm or LayerNorm, and Gemma 2's final soft-cap."""
+    import jax
+
+    from jaxlens.kernels.lens import lens_topk
+
+    _, directory = tiny_checkpoint(model_type)
+    model = jaxlens.load(directory)
+    tokens = random_tokens(5, (2, 7))
+    logits, sites = model(tokens, capture=("resid_post",))
+    ids, probs = lens_topk(model.params, sites["resid_post"], config=model.config, k=5)  # [L, B, T, k]
+    ref_probs, ref_ids = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), 5)
+    np.testing.assert_array_equal(ids[-1], ref_ids)
+    np.testing.assert_allclose(probs[-1], ref_probs, atol=1e-6)
