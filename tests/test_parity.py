@@ -155,7 +155,8 @@ def test_base_model_checkpoint_loads_like_the_causal_lm(tiny_checkpoint, tmp_pat
     with safe_open(tmp_path / "model.safetensors", "np") as f:
         assert not any(name.startswith("transformer.") for name in f.keys())
     tokens = random_tokens(4, (2, 9))
-    np.testing.assert_array_equal(np.asarray(jaxlens.load(tmp_path)(tokens)[0]), np.asarray(jaxlens.load(directory)(tokens)[0]))
+    base, causal_lm = jaxlens.load(tmp_path), jaxlens.load(directory)
+    np.testing.assert_array_equal(np.asarray(base(tokens)[0]), np.asarray(causal_lm(tokens)[0]))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2"])

@@ -46,7 +46,9 @@ class Family:
     prefix: str = ""
 
 
-_MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "bloom", "olmo2", "phi3")
+_MODULES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "bloom", "olmo2", "phi3",
+)
 
 
 def families() -> list[Family]:
