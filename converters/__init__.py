@@ -102,6 +102,8 @@ def load_params(source, family: Family, config: ModelConfig, dtype="float32", me
     dtype = resolve_dtype(dtype)
     mesh = mesh or default_mesh()
     shapes = param_shapes(config)
+    if family.prefix and not any(name.startswith(family.prefix) for name in source.names()):
+        source = _Prefixed(source, family.prefix)
     available = set(source.names())
     rules = family.tensors(config)
     wanted = [
@@ -142,6 +144,23 @@ def load_params(source, family: Family, config: ModelConfig, dtype="float32", me
         _set_path(params, path, array)
     _check_complete(params, shapes)
     return params
+
+
+class _Prefixed:
+    """A source saved from the bare base model (GPT2Model, BloomModel), read with the causal-LM
+    names the family tables use: `prefix` + its own names."""
+
+    def __init__(self, source, prefix: str):
+        self.source, self.prefix = source, prefix
+
+    def names(self) -> list[str]:
+        return [self.prefix + name for name in self.source.names()]
+
+    def shape(self, name: str):
+        return self.source.shape(name.removeprefix(self.prefix))
+
+    def get(self, name: str):
+        return self.source.get(name.removeprefix(self.prefix))
 
 
 def _assemble(source, group, config, i, shape, dtype) -> np.ndarray:

@@ -2,17 +2,21 @@
 
 Shapes (B batch, T tokens, D d_model, F d_ff, H heads, L layers):
 
-  embed       [B, T, D]      token embeddings (Gemma: already times sqrt(D)) = resid_pre of layer 0
+  embed       [B, T, D]      what layer 0 reads (= its resid_pre): the token embeddings (Gemma: times
+                             sqrt(D); GPT-2: plus position embeddings; BLOOM: after its embedding LayerNorm)
   resid_pre   [L, B, T, D]   input of each block
-  attn_out    [L, B, T, D]   what attention adds to the residual (after Gemma's post-attn norm)
-  resid_mid   [L, B, T, D]   resid_pre + attn_out
+  attn_out    [L, B, T, D]   what attention adds to the residual (after the post-attention norm of
+                             Gemma 2/3 and OLMo 2)
+  resid_mid   [L, B, T, D]   resid_pre + attn_out. Under parallel residual (GPT-NeoX / Pythia) the MLP
+                             reads resid_pre, not this: resid_mid is then only a partial sum
   mlp_act     [L, B, T, F]   act(x W_gate) when gated, act(x W_in) otherwise: the "neurons"
   mlp_hidden  [L, B, T, F]   input of the down projection: act(x W_gate) * (x W_up) when gated
-  mlp_out     [L, B, T, D]   what the MLP adds to the residual (after Gemma's post-MLP norm)
-  resid_post  [L, B, T, D]   output of each block
+  mlp_out     [L, B, T, D]   what the MLP adds to the residual (after the post-MLP norm of Gemma 2/3 and OLMo 2)
+  resid_post  [L, B, T, D]   output of each block (= resid_mid + mlp_out)
   attn_probs  [L, B, H, T, T] attention weights (optional: large)
-  final_norm  [B, T, D]      the final norm of the last resid_post
-  logits      [B, T, V]      always returned; naming it in `capture` changes nothing
+  final_norm  [B, T, D]      the final norm (RMSNorm or LayerNorm) of the last resid_post
+  logits      [B, T, V]      always returned (Gemma 2: after final soft-capping); naming it in
+                             `capture` changes nothing
 """
 
 from __future__ import annotations

@@ -56,6 +56,6 @@ def compare(alias: str, texts: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    aliases = sys.argv[1:] or ["smollm2-135m", "gemma3-270m"]
+    aliases = sys.argv[1:] or ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]
     for alias in aliases:
         print(json.dumps(compare(alias, xcopa_texts())))

@@ -132,3 +132,50 @@ def test_unknown_capture_site_lists_valid_ones(tiny_checkpoint):
 def test_missing_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere.gguf")
+
+
+def saved_config(tiny_checkpoint, model_type) -> dict:
+    _, directory = tiny_checkpoint(model_type)
+    return json.loads((directory / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "model_type, changes, message",
+    [
+        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=true .* not supported"),
+        ("bloom", {"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm"),
+        ("phi3", {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4}},
+         "rope scaling 'longrope' is not supported"),
+        ("gpt2", {"n_embd": None}, "missing the required field 'n_embd'"),  # GPT-2's own key is named
+        ("bloom", {"n_head": None}, "missing the required field 'n_head'"),
+    ],
+)
+def test_family_options_we_cannot_run_are_refused(tiny_checkpoint, model_type, changes, message):
+    from jaxlens.converters.families import config_from_hf
+
+    config = saved_config(tiny_checkpoint, model_type)
+    config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None}
+    with pytest.raises(ConfigError, match=message):
+        config_from_hf(config)
+
+
+def test_unknown_switch_value_is_refused():
+    from jaxlens.config import ModelConfig
+
+    sizes = dict(family="x", vocab_size=8, d_model=8, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=4, d_ff=8,
+                 max_positions=8)
+    with pytest.raises(ConfigError, match=r"norm_placement='middle' is not supported; choose one of \('pre'"):
+        ModelConfig(**sizes, norm_placement="middle")
+    with pytest.raises(ConfigError, match="rotary_dim=3 must be even"):
+        ModelConfig(**sizes, rotary_dim=3)
+
+
+@pytest.mark.parametrize("model_type, name", [("bloom", "transformer.h.1.self_attention.query_key_value.weight"),
+                                              ("phi3", "model.layers.1.self_attn.qkv_proj.weight")])
+def test_fused_tensor_of_wrong_shape(tiny_checkpoint, tmp_path, model_type, name):
+    _, directory = tiny_checkpoint(model_type)
+    shutil.copytree(directory, tmp_path / "ckpt")
+    rewrite_tensors(tmp_path / "ckpt", lambda t: t.update({name: np.concatenate([t[name], t[name][:32]])}))
+    with pytest.raises(CheckpointError, match=rf"'{name}' has shape \(\d+, 64\), which does not fit the config"):
+        load_checkpoint(tmp_path / "ckpt")

@@ -119,7 +119,7 @@ def test_padded_batch_equals_each_sequence_alone(tiny_checkpoint, model_type, pa
             assert max_diff(sites["resid_post"][i - 1, row, span], ref_hidden[i][0]) < TOL
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "bloom"])
 def test_bfloat16_tracks_float32_reference(tiny_checkpoint, model_type):
     """bf16 params and activations stay close to the float32 reference, relative to the logit scale."""
     hf_model, directory = tiny_checkpoint(model_type)
@@ -143,3 +143,34 @@ def test_alibi_slopes_match_transformers():
     for n_heads in (1, 2, 3, 4, 5, 6, 8, 12, 16, 20, 32, 112):
         # float32 pow may differ in the last bit between numpy and torch
         np.testing.assert_allclose(alibi_slopes(n_heads), _get_alibi_slopes(n_heads, "cpu").numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bloom"])
+def test_base_model_checkpoint_loads_like_the_causal_lm(tiny_checkpoint, tmp_path, model_type):
+    """The hub's GPT-2 and BLOOM files were saved from the bare base model: no 'transformer.' prefix."""
+    from safetensors import safe_open
+
+    hf_model, directory = tiny_checkpoint(model_type)
+    hf_model.transformer.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "np") as f:
+        assert not any(name.startswith("transformer.") for name in f.keys())
+    tokens = random_tokens(4, (2, 9))
+    base, causal_lm = jaxlens.load(tmp_path), jaxlens.load(directory)
+    np.testing.assert_array_equal(np.asarray(base(tokens)[0]), np.asarray(causal_lm(tokens)[0]))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2"])
+def test_lens_on_the_last_layer_is_the_model_itself(tiny_checkpoint, model_type):
+    """The logit lens applies each family's own head: RMSNorm or LayerNorm, and Gemma 2's final soft-cap."""
+    import jax
+
+    from jaxlens.kernels.lens import lens_topk
+
+    _, directory = tiny_checkpoint(model_type)
+    model = jaxlens.load(directory)
+    tokens = random_tokens(5, (2, 7))
+    logits, sites = model(tokens, capture=("resid_post",))
+    ids, probs = lens_topk(model.params, sites["resid_post"], config=model.config, k=5)  # [L, B, T, k]
+    ref_probs, ref_ids = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), 5)
+    np.testing.assert_array_equal(ids[-1], ref_ids)
+    np.testing.assert_allclose(probs[-1], ref_probs, atol=1e-6)

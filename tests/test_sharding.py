@@ -43,3 +43,23 @@ def test_convert_then_restore_equals_direct_load(tiny_checkpoint, tmp_path):
     np.testing.assert_array_equal(np.asarray(restored(tokens)[0]), np.asarray(direct(tokens)[0]))
     # Converting onto an existing directory is refused, not merged.
     assert cli.main(["convert", str(directory), str(out)]) == 2
+
+
+def test_every_family_config_round_trips_through_json(tiny_checkpoint):
+    """What `jaxlens convert` stores restores to the same config, for every family's switches."""
+    import json
+
+    from conftest import TINY_CONFIGS
+
+    from jaxlens.config import ModelConfig
+    from jaxlens.converters.families import config_from_hf
+
+    for model_type in TINY_CONFIGS:
+        _, directory = tiny_checkpoint(model_type)
+        config = config_from_hf(json.loads((directory / "config.json").read_text()))
+        assert ModelConfig.from_json(config.to_json()) == config, model_type
+    # Configs stored before norm_placement existed said sandwich_norms.
+    legacy = json.loads(config.to_json())
+    legacy.pop("norm_placement")
+    legacy["sandwich_norms"] = True
+    assert ModelConfig.from_json(json.dumps(legacy)).norm_placement == "sandwich"

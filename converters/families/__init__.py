@@ -41,9 +41,14 @@ class Family:
     tensors: Callable[[ModelConfig], list[TensorRule]]
     # Checkpoint tensors that are allowed but not used (regexes), e.g. rotary buffers.
     ignored: tuple[str, ...] = (r".*rotary_emb\.inv_freq",)
+    # The causal-LM wrapper's prefix of the table's names ("transformer."): checkpoints saved from
+    # the bare base model (the hub's GPT-2 and BLOOM files) lack it, and get it added back.
+    prefix: str = ""
 
 
-_MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "bloom", "olmo2", "phi3")
+_MODULES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "bloom", "olmo2", "phi3",
+)
 
 
 def families() -> list[Family]:

@@ -63,4 +63,4 @@ def tensors(cfg):
     return rules
 
 
-FAMILY = Family("bloom", ("bloom",), config, tensors)
+FAMILY = Family("bloom", ("bloom",), config, tensors, prefix="transformer.")

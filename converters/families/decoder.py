@@ -148,6 +148,8 @@ def fused_qkv(part: str, per_head: bool, stored_in_out: bool = False):
             w = w.reshape(cfg.n_heads, 3, H, *w.shape[1:])[:, index]
         else:
             sizes = [cfg.n_heads * H, cfg.n_kv_heads * H, cfg.n_kv_heads * H]
+            if w.shape[0] != sum(sizes):  # a slice would silently fit: say it does not
+                raise ValueError(f"fused qkv has {w.shape[0]} rows, the config needs {sum(sizes)}")
             start = sum(sizes[:index])
             w = w[start : start + sizes[index]].reshape(sizes[index] // H, H, *w.shape[1:])
         return np.ascontiguousarray(w if w.ndim == 2 else w.transpose(2, 0, 1))  # [n, H] or [D, n, H]

@@ -18,10 +18,14 @@ def config(hf):
         sliding_window=require(hf, "sliding_window"),
         sliding_layers=sliding,
         query_scale=float(require(hf, "query_pre_attn_scalar")) ** -0.5,
-        attn_softcap=hf.get("attn_logit_softcapping"),
-        final_softcap=hf.get("final_logit_softcapping"),
+        attn_softcap=_cap(hf.get("attn_logit_softcapping")),
+        final_softcap=_cap(hf.get("final_logit_softcapping")),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
     )
+
+
+def _cap(value):
+    return None if value is None else float(value)
 
 
 FAMILY = Family("gemma2", ("gemma2",), config, decoder_tensors)

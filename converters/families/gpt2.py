@@ -21,7 +21,9 @@ NAMES = {
 
 def config(hf):
     if hf.get("scale_attn_by_inverse_layer_idx"):
-        raise ConfigError("GPT-2 with scale_attn_by_inverse_layer_idx=true (a per-layer attention scale) is not supported")
+        raise ConfigError(
+            "GPT-2 with scale_attn_by_inverse_layer_idx=true (a per-layer attention scale) is not supported"
+        )
     n_heads = require(hf, "n_head")
     return base_config(
         hf,
@@ -74,4 +76,4 @@ def tensors(cfg):
 
 
 # Old checkpoints also hold the causal-mask buffers attn.bias / attn.masked_bias.
-FAMILY = Family("gpt2", ("gpt2",), config, tensors, ignored=(r".*\.attn\.(bias|masked_bias)",))
+FAMILY = Family("gpt2", ("gpt2",), config, tensors, ignored=(r".*\.attn\.(bias|masked_bias)",), prefix="transformer.")

@@ -22,10 +22,9 @@ def gate_up(w, cfg):
 def tensors(cfg):
     layer = "model.layers.{i}."
     rules = [rule for rule in decoder_tensors(cfg) if not any(f".{name}." in rule.hf for name in FUSED_AWAY)]
-    rules += [
-        TensorRule(layer + "self_attn.qkv_proj.weight", ("layers", "attn", part, "kernel"), fused_qkv(part, per_head=False))
-        for part in "qkv"
-    ]
+    for part in "qkv":
+        split = fused_qkv(part, per_head=False)
+        rules.append(TensorRule(layer + "self_attn.qkv_proj.weight", ("layers", "attn", part, "kernel"), split))
     rules.append(TensorRule(layer + "mlp.gate_up_proj.weight", ("layers", "mlp", "gate_up", "kernel"), gate_up))
     return rules
 

@@ -149,12 +149,10 @@ class Attention(nn.Module):
         q = Linear((c.n_heads, c.head_dim), use_bias=c.qkv_bias, name="q")(x)  # [B,T,N,H]
         k = Linear((c.n_kv_heads, c.head_dim), use_bias=c.qkv_bias, name="k")(x)  # [B,S,K,H]
         v = Linear((c.n_kv_heads, c.head_dim), use_bias=c.qkv_bias, name="v")(x)  # [B,S,K,H]
-        if c.qk_norm:
-            norm = RMSNorm(c.norm_eps, c.norm_plus_one, name="q_norm")
-            # OLMo 2 normalises the whole [N*H] projection at once, the others each head.
-            q = norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape) if c.qk_norm_all_heads else norm(q)
-            norm = RMSNorm(c.norm_eps, c.norm_plus_one, name="k_norm")
-            k = norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape) if c.qk_norm_all_heads else norm(k)
+        if c.qk_norm:  # over each head; OLMo 2: over the whole [N*H] projection at once
+            span = (lambda t: t.reshape(*t.shape[:2], -1)) if c.qk_norm_all_heads else (lambda t: t)
+            q = RMSNorm(c.norm_eps, c.norm_plus_one, name="q_norm")(span(q)).reshape(q.shape)
+            k = RMSNorm(c.norm_eps, c.norm_plus_one, name="k_norm")(span(k)).reshape(k.shape)
         if c.positions == "rope":
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
