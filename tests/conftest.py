@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +76,38 @@ def tiny_checkpoint(tmp_path_factory):
 
 def random_tokens(seed: int, shape, vocab: int = 128) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=shape).astype(np.int32)
+
+
+CORPUS = [
+    "The man turned on the tap. Question: What was the cause? What happened as a result? Answer: A. B. C. D.",
+    "The toilet filled with water. Water flowed from the spout. She lost her appetite. He poured milk.",
+    "A B C D abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;?!'\"-()\n",
+]
+
+
+def tiny_tokenizer():
+    """A 128-token BPE (SentencePiece-style ▁ spaces, <bos> prepended) matching tiny_checkpoint's vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "<bos>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_checkpoint, tmp_path_factory):
+    """(model, tokenizer, checkpoint dir with the tokenizer saved beside the weights)."""
+    import jaxlens
+
+    _, src = tiny_checkpoint("llama")
+    directory = tmp_path_factory.mktemp("llama_tok")
+    shutil.copytree(src, directory, dirs_exist_ok=True)
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(directory)
+    return jaxlens.load(str(directory)), tokenizer, directory
+
+

@@ -15,7 +15,6 @@ from jaxlens.models import forward, init_params
 
 L = 3
 
-
 @pytest.fixture(scope="module")
 def setup():
     config = config_from_hf(dict(model_type="gemma3_text", hidden_size=32, intermediate_size=48, num_hidden_layers=L,
@@ -33,14 +32,11 @@ def setup():
     source = last_states(params, src, smask, config=config, site="mlp_out")
     return config, params, target, tmask, source
 
-
 def last_logits(logits, _):
     return logits[:, -1]
 
-
 def option_logits(logits, _):
     return logits
-
 
 def test_source_states_are_the_last_token_mlp_out(setup):
     config, params, _, _, _ = setup
@@ -50,7 +46,6 @@ def test_source_states_are_the_last_token_mlp_out(setup):
     _, sites = forward(params, src, smask, config=config, capture=("mlp_out",))
     np.testing.assert_array_equal(np.asarray(last_states(params, src, smask, config=config, site="mlp_out")),
                                   np.swapaxes(np.asarray(sites["mlp_out"][:, :, -1]), 0, 1))
-
 
 @pytest.mark.parametrize("tail", [1, 3])
 def test_every_pair_equals_a_full_pass(setup, tail):
@@ -67,7 +62,6 @@ def test_every_pair_equals_a_full_pass(setup, tail):
     loop = np.asarray(xt.sweep_loop(params, target, tmask, source, prompt_last, pairs[:3], config=config, tail=tail, score=option_logits))
     np.testing.assert_allclose(loop, got[:3], atol=3e-5)
 
-
 def test_a_pass_transplanted_into_itself_at_the_same_layer_changes_nothing(setup):
     config, params, target, tmask, _ = setup
     own = last_states(params, target, tmask, config=config, site="mlp_out")
@@ -78,10 +72,7 @@ def test_a_pass_transplanted_into_itself_at_the_same_layer_changes_nothing(setup
     for layer in range(L):
         np.testing.assert_allclose(got[layer], np.asarray(clean[:, -1]), atol=3e-5)
 
-
 # ---- items: scores per pair against the evaluation harness with the transplant in a full pass ----
-
-from test_evaluation import tiny, tiny_tokenizer  # noqa: E402,F401  (the tiny model with a tokenizer)
 
 from jaxlens import evaluation as ev  # noqa: E402
 
@@ -91,7 +82,6 @@ PARALLEL = [
     ev.Item("1", "xx", "A man.", ("Milk.", "The tap."), 1, "effect"),
     ev.Item("2", "xx", "He poured.", ("Water.", "A toilet."), 0, "cause"),
 ]
-
 
 def test_item_scores_equal_the_harness_with_a_full_pass_transplant(tiny):
     model, _, _ = tiny
@@ -111,7 +101,6 @@ def test_item_scores_equal_the_harness_with_a_full_pass_transplant(tiny):
         np.testing.assert_allclose(scores.letter[p], direct.letter, atol=1e-4)
     assert L >= 3
 
-
 def test_analyse_upper_bound_unions_and_offline_pair():
     targets = [ev.Item(str(n), "xx", "q", ("a", "b"), 0) for n in range(4)]
     pairs = xt.all_pairs(2)  # (0,0) (0,1) (1,0) (1,1)
@@ -127,12 +116,10 @@ def test_analyse_upper_bound_unions_and_offline_pair():
     assert r["offline"]["best_pair_into_layer_0"]["pair"] == [0, 0]
     assert xt.best_pair([0.5, 0.5, 0.9, 0.5], pairs, target_layer=1) == (1, 1)  # ties at j=1: largest i
 
-
 def test_transplant_needs_parallel_sources(tiny):
     model, _, _ = tiny
     with pytest.raises(ValueError, match="no parallel 'en' item"):
         xt.transplant_scores(model, PARALLEL[2:] + PARALLEL[:1], ev.XCOPA_TEMPLATE, progress=False)
-
 
 def test_cli_end_to_end(tiny, tmp_path):
     import json

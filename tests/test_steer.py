@@ -1,0 +1,84 @@
+"""Steering: vectors are the mean English-minus-language state; every grid point's scores equal the
+evaluation harness with that `add` intervention in a plain forward; alpha 0 is the unsteered run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxlens import evaluation as ev
+from jaxlens import interventions as iv
+from jaxlens import steer
+from jaxlens.models import forward
+from jaxlens.states import last_token_states
+
+ITEMS = [
+    ev.Item("1", "en", "The man.", ("Water.", "The toilet."), 1, "effect"),
+    ev.Item("2", "en", "She lost.", ("Milk.", "Tap."), 0, "cause"),
+    ev.Item("1", "xx", "A man.", ("Milk.", "The tap."), 1, "effect"),
+    ev.Item("2", "xx", "He poured.", ("Water.", "A toilet."), 0, "cause"),
+]
+
+def test_language_vectors_are_the_mean_difference(tiny):
+    model, _, _ = tiny
+    template = ev.XCOPA_TEMPLATE
+    v = steer.language_vectors(model, ITEMS, template, method="options")
+    en = last_token_states(model, [template.context_text(i) for i in ITEMS[:2]])
+    xx = last_token_states(model, [template.context_text(i) for i in ITEMS[2:]])
+    assert set(v) == {"xx"}
+    np.testing.assert_allclose(v["xx"], en.mean(0) - xx.mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match="no 'en' items"):
+        steer.language_vectors(model, ITEMS[2:], template)
+
+@pytest.mark.parametrize("positions,method", [("all", "options"), ("last", "letters")])
+def test_grid_points_equal_the_harness_with_the_intervention(tiny, positions, method):
+    model, _, _ = tiny
+    template = ev.XCOPA_TEMPLATE
+    L, D = model.config.n_layers, model.config.d_model
+    vectors = {"xx": np.random.default_rng(0).standard_normal((L, D)).astype(np.float32)}
+    points = steer.grid([0, L - 1], [0.0, 2.0])
+    scores = steer.steer_scores(model, ITEMS, template, vectors, points, positions=positions, method=method, progress=False)
+    key = "ll" if method == "options" else "letter"
+    methods = (method,)
+    clean = ev.score_items(ITEMS, model.tokenizer, template=template, model=model, methods=methods, progress=False)
+    for g, (layer, alpha) in enumerate(points):
+        def forward_fn(tokens, mask, batch, layer=int(layer), alpha=float(alpha)):
+            lang_rows = np.array([ITEMS[i].lang == "xx" if i >= 0 else False for i in batch.item])
+            vector = np.where(lang_rows[:, None], vectors["xx"][layer], 0.0)  # [R, D]
+            at = iv.at_positions(batch.prompt_last, tokens.shape[1]) if positions == "last" else np.asarray(mask, bool)
+            add = iv.add("resid_post", vector, alpha, layers=layer, positions=at)
+            return forward(model.params, tokens, mask, config=model.config, interventions=add)[0]
+        direct = ev.score_items(ITEMS, model.tokenizer, forward_fn, template, model=model, methods=methods, progress=False)
+        np.testing.assert_allclose(getattr(scores, key)[g], getattr(direct, key), atol=2e-4)
+        if alpha == 0:
+            np.testing.assert_allclose(getattr(scores, key)[g], getattr(clean, key), atol=2e-4)
+        # English rows are never steered.
+        np.testing.assert_allclose(getattr(scores, key)[g][:2], getattr(clean, key)[:2], atol=2e-4)
+    summary = steer.summarize(ITEMS, scores, clean, points)
+    assert {(r["layer"], r["alpha"]) for r in summary["points"]} == {(0, 0.0), (0, 2.0), (L - 1, 0.0), (L - 1, 2.0)}
+    assert all(r["accuracy_change"] == 0 for r in summary["points"] if r["alpha"] == 0)
+
+def test_bad_grid_is_named(tiny):
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match="out of range"):
+        steer.steer_scores(model, ITEMS, ev.XCOPA_TEMPLATE, {"xx": np.zeros((model.config.n_layers, model.config.d_model))},
+                           steer.grid([99], [1.0]), progress=False)
+    with pytest.raises(ValueError, match="positions must be"):
+        steer.steer_scores(model, ITEMS, ev.XCOPA_TEMPLATE, {}, steer.grid([0], [1.0]), positions="first", progress=False)
+
+def test_cli_end_to_end(tiny, tmp_path):
+    from jaxlens.cli import main
+
+    _, _, directory = tiny
+    data = tmp_path / "mc.jsonl"
+    rows = [{"id": i, "lang": lang, "question": f"The man {w}.", "options": ["Water.", "Milk."], "answer": i % 2}
+            for lang, w in (("en", "turned"), ("xx", "poured")) for i in range(6)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "steer"
+    assert main(["steer", "--model", str(directory), "--data", str(data), "--langs", "xx", "--layers", "0,1",
+                 "--alphas", "1,4", "--vector-items", "3", "--limit", "3", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"summary.json", "vectors.npz", "accuracy_change.png", "index.html"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["points"]) == 4 and set(summary["best"]) == {"xx"}
