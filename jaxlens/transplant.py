@@ -36,6 +36,7 @@ def all_pairs(n_layers: int) -> np.ndarray:
 def pair_stack(source, pairs, at, site: str = SITE):
     """The transplant of every pair as one stacked intervention [P]: source [R, L, D] (each row's
     source states), pairs [P, 2] (i, j), at [R, K] bool (where each row's value lands)."""
+    source = jnp.asarray(source)
     rows = jnp.arange(source.shape[0])
     return jax.vmap(lambda pair: iv.transplant(site, source[rows, pair[0]], pair[1], at))(jnp.asarray(pairs))
 
