@@ -30,3 +30,24 @@ eight = fn(*sharded, with_max=True)
 for k in ("active", "tokens", "max"):
     np.testing.assert_array_equal(np.asarray(one[k]), np.asarray(eight[k]), err_msg=k)
 print("kernel: counts equal on 1 and 8 devices")
+
+if len(sys.argv) > 1:  # the whole collection, through the forward pass, on a checkpoint
+    from jaxlens import neurons as N
+
+    class ByteTokenizer:
+        def encode(self, text, add_special_tokens=False):
+            return [b % 100 + 2 for b in text.encode()]
+
+    directory = sys.argv[1]
+    single = jaxlens.load(directory, tokenizer=ByteTokenizer(), mesh=jaxlens.make_mesh(1, 1, devices=jax.devices()[:1]))
+    sharded = jaxlens.load(directory, tokenizer=ByteTokenizer(), mesh=mesh)
+    corpus = {"fr": N.Corpus(tuple(("", f"le chat {i} dort") for i in range(20))),
+              "de": N.Corpus(tuple(("frage", f"die katze {i}") for i in range(20)))}
+    batches = N.make_batches(single, corpus, seq_len=16, batch_size=8)
+    one = N.collect(single, batches, progress=False)
+    eight = N.collect(sharded, batches, progress=False)
+    for k in ("active", "tokens"):
+        np.testing.assert_array_equal(one[k], eight[k], err_msg=k)
+    np.testing.assert_allclose(one["sum"], eight["sum"], rtol=1e-4, atol=1e-4)
+    assert one["tokens"].sum() > 0 and one["active"].sum() > 0
+    print("collect: counts equal on 1 and 8 devices")
