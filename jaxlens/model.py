@@ -49,11 +49,14 @@ class Model:
             mask[row, span] = 1
         return tokens, mask
 
-    def __call__(self, tokens, attention_mask=None, capture=()):
-        """(logits, sites) with the batch placed over the mesh's `data` axis."""
+    def __call__(self, tokens, attention_mask=None, capture=(), interventions=None, reducers=None):
+        """(logits, sites) with the batch placed over the mesh's `data` axis (see `forward`)."""
         tokens = np.asarray(tokens, dtype=np.int32)
         if attention_mask is None:
             attention_mask = np.ones_like(tokens)
         sharding = batch_sharding(self.mesh, tokens.shape[0])
         tokens, attention_mask = jax.device_put((tokens, np.asarray(attention_mask, np.int32)), sharding)
-        return forward(self.params, tokens, attention_mask, config=self.config, capture=capture)
+        return forward(
+            self.params, tokens, attention_mask, config=self.config, capture=capture,
+            interventions=interventions, reducers=reducers,
+        )

@@ -30,3 +30,17 @@ diff = max(float(np.abs(np.asarray(logits) - np.asarray(ref_logits)).max()),
            float(np.abs(np.asarray(sites["resid_post"]) - np.asarray(ref_sites["resid_post"])).max()))
 print(f"max abs diff 1 vs 8 devices: {diff:.3g}")
 assert diff < 1e-5, diff
+
+# Interventions, one and a vmapped stack of them, give the same numbers sharded as on one device.
+from jaxlens import interventions as iv  # noqa: E402
+
+D, F, L = sharded.config.d_model, sharded.config.d_ff, sharded.config.n_layers
+rng = np.random.default_rng(1)
+steer = [iv.add("resid_post", rng.standard_normal(D), alpha=2.0, layers=layer, positions=iv.last_token(mask)) for layer in range(L)]
+knock = iv.ablate("mlp_act", rng.random((L, F)) < 0.2)
+ref = np.asarray(single(tokens, mask, interventions=steer[0] | knock)[0])
+got = np.asarray(sharded(tokens, mask, interventions=steer[0] | knock)[0])
+sweep = lambda m: jax.jit(jax.vmap(lambda one: m(tokens, mask, interventions=one)[0]))(iv.stack(steer))  # noqa: E731
+diff_iv = max(float(np.abs(got - ref).max()), float(np.abs(np.asarray(sweep(sharded)) - np.asarray(sweep(single))).max()))
+print(f"max abs diff 1 vs 8 devices with interventions: {diff_iv:.3g}")
+assert diff_iv < 1e-5, diff_iv

@@ -31,7 +31,9 @@ def test_capture_costs_exactly_its_output(small):
     bare = compiled_memory(config, params, ())
     resid = compiled_memory(config, params, ("resid_post",))
     L, B, T, D = config.n_layers, 2, 32, config.d_model
-    assert resid.output_size_in_bytes - bare.output_size_in_bytes == L * B * T * D * 4
+    extra = resid.output_size_in_bytes - bare.output_size_in_bytes
+    # Exactly the captured array, plus the output tuple's table of buffer pointers (8 bytes each).
+    assert L * B * T * D * 4 <= extra <= L * B * T * D * 4 + 64
     # Scratch memory does not grow with the capture (XLA may reuse buffers, never need more).
     assert resid.temp_size_in_bytes <= bare.temp_size_in_bytes + L * B * T * D * 4
 

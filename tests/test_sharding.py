@@ -22,6 +22,7 @@ def test_eight_devices_match_one(tiny_checkpoint, model_type):
     run = subprocess.run([sys.executable, str(script), str(directory)], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "max abs diff 1 vs 8 devices" in run.stdout
+    assert "with interventions" in run.stdout
 
 
 def test_convert_then_restore_equals_direct_load(tiny_checkpoint, tmp_path):

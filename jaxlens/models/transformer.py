@@ -11,13 +11,20 @@ K kv heads, G q heads per kv head, H head_dim, F d_ff, V vocab, L layers.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxlens.config import ModelConfig
+from jaxlens.interventions import apply_at
 from jaxlens.models.rope import apply_rope
 from jaxlens.sites import LAYER_SITES
+
+# Reducer outputs go to their own collection, under "reducer:<name>" (never a site or module name).
+REDUCED = "reduced"
+REDUCED_PREFIX = "reducer:"
 
 # Masked attention scores: a large finite negative, so fully masked (padding) rows stay finite.
 _MASKED = -1e30
@@ -30,6 +37,26 @@ def _keep(_, new):
 def sow(module: nn.Module, site: str, value: jnp.ndarray) -> None:
     """Store `value` under collection `site` only if the caller made that collection mutable."""
     module.sow(site, "sown", value, init_fn=lambda: None, reduce_fn=_keep)
+
+
+class SiteContext(NamedTuple):
+    """What a layer site needs besides its value: passed down the scanned block."""
+
+    layer: jnp.ndarray  # int32 scalar: this layer's index
+    mask: jnp.ndarray  # [B, T] attention mask (1 = real token)
+    interventions: Any  # None, an Intervention or a Compose (jaxlens.interventions)
+    reducers: dict  # {name: reducer}; see jaxlens.reducers
+
+
+def site(module: nn.Module, ctx: SiteContext, name: str, value: jnp.ndarray) -> jnp.ndarray:
+    """A named point of the layer: interventions at `name` change the value, then it is captured
+    (if asked) and reduced by every reducer of `name`. Returns the value the layer goes on with."""
+    value = apply_at(ctx.interventions, name, value, ctx.layer)
+    sow(module, name, value)
+    for key, reducer in ctx.reducers.items():
+        if reducer.site == name:
+            module.sow(REDUCED, REDUCED_PREFIX + key, reducer(value, ctx), init_fn=lambda: None, reduce_fn=_keep)
+    return value
 
 
 def _activation(name: str):
@@ -104,19 +131,17 @@ class MLP(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, ctx: SiteContext):
         c = self.cfg
         act = _activation(c.activation)
         if c.gated_mlp:
             # gate and up as one [D, 2, F] kernel: one wide matmul runs ~1.4x faster on CPU than two.
             gate_up = Linear((2, c.d_ff), use_bias=c.mlp_bias, name="gate_up")(x)  # [B,T,2,F]
-            neurons = act(gate_up[..., 0, :])  # [B,T,F]
+            neurons = site(self, ctx, "mlp_act", act(gate_up[..., 0, :]))  # [B,T,F]
             hidden = neurons * gate_up[..., 1, :]
         else:
-            neurons = act(Linear((c.d_ff,), use_bias=c.mlp_bias, name="up")(x))
-            hidden = neurons
-        sow(self, "mlp_act", neurons)
-        sow(self, "mlp_hidden", hidden)
+            hidden = neurons = site(self, ctx, "mlp_act", act(Linear((c.d_ff,), use_bias=c.mlp_bias, name="up")(x)))
+        hidden = site(self, ctx, "mlp_hidden", hidden)
         return Linear((c.d_model,), use_bias=c.mlp_bias, name="down")(hidden)  # [B,T,D]
 
 
@@ -128,25 +153,24 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, layer_in, shared):
         c = self.cfg
-        sliding = layer_in  # bool scalar: does this layer use the sliding window?
+        sliding, layer = layer_in  # does this layer use the sliding window? its index
+        ctx = SiteContext(layer, shared["attention_mask"], shared["interventions"], shared["reducers"])
         cos = jnp.where(sliding, shared["cos_local"], shared["cos"])
         sin = jnp.where(sliding, shared["sin_local"], shared["sin"])
         mask = jnp.where(sliding, shared["mask_local"], shared["mask"])
         norm = lambda name: RMSNorm(c.norm_eps, c.norm_plus_one, name=name)  # noqa: E731
 
-        sow(self, "resid_pre", x)
+        x = site(self, ctx, "resid_pre", x)
         attn = Attention(c, name="attn")(norm("attn_norm")(x), cos, sin, mask)
         if c.sandwich_norms:
             attn = norm("post_attn_norm")(attn)
-        sow(self, "attn_out", attn)
-        x = x + attn
-        sow(self, "resid_mid", x)
-        mlp = MLP(c, name="mlp")(norm("mlp_norm")(x))
+        attn = site(self, ctx, "attn_out", attn)
+        x = site(self, ctx, "resid_mid", x + attn)
+        mlp = MLP(c, name="mlp")(norm("mlp_norm")(x), ctx)
         if c.sandwich_norms:
             mlp = norm("post_mlp_norm")(mlp)
-        sow(self, "mlp_out", mlp)
-        x = x + mlp
-        sow(self, "resid_post", x)
+        mlp = site(self, ctx, "mlp_out", mlp)
+        x = site(self, ctx, "resid_post", x + mlp)
         return x, None
 
 
@@ -164,13 +188,13 @@ class Transformer(nn.Module):
 
         Stack = nn.scan(
             Block,
-            variable_axes={"params": 0, **{site: 0 for site in LAYER_SITES}},
+            variable_axes={"params": 0, REDUCED: 0, **{name: 0 for name in LAYER_SITES}},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast),
             length=c.n_layers,
         )
-        sliding = jnp.asarray(c.sliding_layers, dtype=bool)  # [L]
-        x, _ = Stack(c, name="layers")(x, sliding, shared)
+        per_layer = (jnp.asarray(c.sliding_layers, dtype=bool), jnp.arange(c.n_layers, dtype=jnp.int32))  # [L] each
+        x, _ = Stack(c, name="layers")(x, per_layer, shared)
 
         x = RMSNorm(c.norm_eps, c.norm_plus_one, name="final_norm")(x)
         sow(self, "final_norm", x)

@@ -1,0 +1,27 @@
+"""Reducers: summarise a site inside each scanned layer, so only the summary leaves the layer.
+
+A reducer is a pytree (a `flax.struct.dataclass`) with a static `site` and a
+`__call__(self, x, ctx) -> pytree`, called in every layer with that site's value x [B, T, ...]
+and a `SiteContext` (`ctx.layer` the layer index, `ctx.mask` [B, T] the attention mask).
+`forward(..., reducers={"name": r})` returns `sites["name"]`: its outputs stacked [L, ...].
+
+    take = Take("resid_post", index=last_index(mask)[:, None])    # [L, B, 1, D], never [L, B, T, D]
+    _, sites = forward(params, tokens, mask, config=cfg, reducers={"last": take})
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class Take:
+    """The site's value at given positions: index [B, P] int32 -> [B, P, ...] per layer."""
+
+    site: str = struct.field(pytree_node=False)
+    index: jnp.ndarray  # [B, P]
+
+    def __call__(self, x, ctx):
+        index = self.index.reshape(self.index.shape + (1,) * (x.ndim - 2))
+        return jnp.take_along_axis(x, index, axis=1)
