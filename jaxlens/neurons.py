@@ -538,10 +538,11 @@ def _nll_step(cfg):
 
 
 def _ablated_forward(params, tokens, mask, cfg, ablate):
-    """forward with the neurons in `ablate` [L, F] zeroed at mlp_act (the interventions API)."""
+    """forward with the neurons in `ablate` [L, F] zeroed at mlp_act (a per-layer intervention)."""
+    from jaxlens import interventions as iv
     from jaxlens.models import forward
 
-    return forward(params, tokens, mask, config=cfg, interventions={"mlp_act": ablate})
+    return forward(params, tokens, mask, config=cfg, interventions=iv.ablate("mlp_act", neurons=ablate))
 
 
 def diagonal_dominance(matrix: np.ndarray, baseline: np.ndarray) -> dict:

@@ -54,32 +54,38 @@ def test_collected_counts_equal_counts_from_captured_activations(tiny, model_typ
     lang = batches.lang.reshape(R)
     for k, name in enumerate(batches.languages):
         sel = counted & (lang[:, None] == k)  # [R, T]
-        assert (state["tokens"][:, k] == sel.sum() == batches.counted[name]).all()
+        assert sel.sum() == batches.counted[name] and (state["tokens"][:, k] == sel.sum()).all()
         np.testing.assert_array_equal(state["active"][:, k], (x[:, sel] > 0).sum(axis=1))
         np.testing.assert_allclose(state["sum"][:, k], x[:, sel].sum(axis=1), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(state["sumsq"][:, k], (x[:, sel] ** 2).sum(axis=1), rtol=1e-4, atol=1e-4)
-        np.testing.assert_array_equal(state["max"][:, k], x[:, sel].max(axis=1).astype(np.float32))
+        np.testing.assert_allclose(state["max"][:, k], x[:, sel].max(axis=1), rtol=1e-5, atol=1e-6)
 
 
-def test_statistics_never_store_layers_by_tokens_by_neurons(tiny):
-    model, _ = tiny("llama")
-    cfg = model.config
-    B, T, K = 4, 32, 3
-    L, F = cfg.n_layers, cfg.d_ff
-    args = (jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.int32), jnp.ones((B, T), jnp.int32), jnp.ones((B, K)))
+@pytest.mark.slow
+def test_statistics_never_store_layers_by_tokens_by_neurons():
+    from jaxlens.converters.families import config_from_hf
     from jaxlens.kernels.neurons import empty_state
+    from jaxlens.models import init_params
 
+    cfg = config_from_hf(dict(model_type="llama", hidden_size=32, intermediate_size=128, num_hidden_layers=12,
+                              num_attention_heads=2, num_key_value_heads=1, vocab_size=64, max_position_embeddings=64))
+    params = init_params(cfg, jax.random.key(0))
+    B, T, K, L, F = 4, 32, 3, cfg.n_layers, cfg.d_ff
+    tokens, mask = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.int32)
     state = empty_state(L, K, F)
-    stats = N._stats_step(cfg, False).lower(model.params, state, *args).compile().memory_analysis()
-    plain = jax.jit(lambda p, t, m: jaxlens.forward(p, t, m, config=cfg)[0]).lower(model.params, *args[:2]).compile().memory_analysis()
+    stats = N._stats_step(cfg, False).lower(params, state, tokens, mask, mask, jnp.ones((B, K))).compile().memory_analysis()
+    plain = jax.jit(lambda p, t, m: jaxlens.forward(p, t, m, config=cfg)[0]).lower(params, tokens, mask).compile().memory_analysis()
+    total = lambda m: m.temp_size_in_bytes + m.output_size_in_bytes  # noqa: E731
     state_bytes = sum(v.size * 4 for v in state.values())
-    logits_bytes = B * T * cfg.vocab_size * 4
-    assert stats.output_size_in_bytes == state_bytes  # the logits are dropped, the state comes back
-    assert plain.output_size_in_bytes == logits_bytes
-    # Capturing mlp_act would need L*B*T*F floats more; the statistics need far less than that.
-    assert stats.temp_size_in_bytes < plain.temp_size_in_bytes + L * B * T * F * 4 // 4
+    # Only the state comes back (plus the output tuple's 8-byte buffer pointers) ...
+    assert state_bytes <= stats.output_size_in_bytes <= state_bytes + 8 * len(state)
+    # ... and the reduction costs a few per-layer [B, T, F] buffers, far from the [L, B, T, F] that
+    # capturing mlp_act costs (tests/test_capture.py: a capture costs exactly its array).
+    acts = L * B * T * F * 4
+    assert total(stats) - total(plain) < acts / 2
 
 
+@pytest.mark.slow
 def test_eight_devices_give_the_same_counts(tiny):
     _, directory = tiny("llama")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
