@@ -60,7 +60,9 @@ def job_jaxlens(model, path, repeats):
     arrays = _batches(path)
     batches = N.Batches(arrays["tokens"], arrays["mask"], arrays["weights"], arrays["lang"],
                         tuple(str(x) for x in arrays["languages"]), {})
-    plain_step = jax.jit(lambda p, t, k: forward(p, t, k, config=m.config)[0])
+    # Neither side computes logits (XLA drops them from the statistics program as unused): the plain
+    # forward stops at the final norm, the transformers side runs the base model without its LM head.
+    plain_step = jax.jit(lambda p, t, k: forward(p, t, k, config=m.config, capture=("final_norm",))[1]["final_norm"])
 
     def stats():
         return N.collect(m, batches, progress=False)
@@ -118,7 +120,7 @@ def job_torch(model, path, repeats):
                 w = torch.from_numpy(((arrays["weights"][i] > 0) & (arrays["mask"][i] > 0)).astype(np.float32))
                 current["gw"] = groups[:, None, :] * w[:, :, None]
                 acc["tokens"] += current["gw"].sum(dim=(0, 1)).round().long()
-                hf(input_ids=tokens, attention_mask=mask)
+                hf.model(input_ids=tokens, attention_mask=mask)  # no LM head, like the jaxlens side
 
     reset_peak_rss()
     base = rss_mb()

@@ -253,7 +253,7 @@ def collect(model, batches: Batches, checkpoint_dir=None, save_every: int = 50, 
                desc="neuron stats", disable=not progress)
     for i in range(start, len(batches)):
         inputs = jax.device_put((batches.tokens[i], batches.mask[i], batches.weights[i], batches.groups(i)), sharding)
-        state = step(model.params, state, *inputs)
+        state = jax.block_until_ready(step(model.params, state, *inputs))  # an honest tokens/s
         bar.update(int(weighted[i]))
         done = i + 1
         if manager is not None and (done % save_every == 0 or done == len(batches)):
@@ -548,12 +548,19 @@ def _ablated_forward(params, tokens, mask, cfg, ablate):
 def diagonal_dominance(matrix: np.ndarray, baseline: np.ndarray) -> dict:
     """matrix[d, e]: PPL on e with d's neurons off; baseline[e]: PPL with nothing off.
 
-    On the log-ratio change D = log(matrix / baseline): `rows` = fraction of languages whose own
-    deactivation hurts them more than it hurts any other language (D[d, d] > max_{e!=d} D[d, e]);
+    On the log-ratio change D = log(matrix / baseline):
+    `rows` = fraction of deactivated languages d that hurt their own language more than any other
+    (D[d, d] > max_{e!=d} D[d, e]); `cols` = fraction of evaluated languages e hurt most by their
+    own neurons (D[e, e] > max_{d!=e} D[d, e]; robust to one language being fragile to everything);
     `margin` = mean diagonal minus mean off-diagonal of D (nats of log-PPL).
     """
     delta = np.log(matrix / baseline[None, :])
     K = len(delta)
+    if K < 2:
+        return {"rows": float("nan"), "cols": float("nan"), "margin": float("nan")}
     off = ~np.eye(K, dtype=bool)
-    rows = float(np.mean([delta[d, d] > delta[d, off[d]].max() for d in range(K)])) if K > 1 else float("nan")
-    return {"rows": rows, "margin": float(np.diag(delta).mean() - delta[off].mean()) if K > 1 else float("nan")}
+    return {
+        "rows": float(np.mean([delta[d, d] > delta[d, off[d]].max() for d in range(K)])),
+        "cols": float(np.mean([delta[e, e] > delta[off[:, e], e].max() for e in range(K)])),
+        "margin": float(np.diag(delta).mean() - delta[off].mean()),
+    }

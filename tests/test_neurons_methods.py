@@ -208,7 +208,8 @@ def test_compare_and_dominance():
     base = np.array([10.0, 20.0, 30.0])
     matrix = base[None] * np.array([[3.0, 1.1, 1.0], [1.0, 2.0, 1.2], [1.5, 1.0, 1.4]])
     dom = N.diagonal_dominance(matrix, base)
-    assert dom["rows"] == pytest.approx(2 / 3)
+    assert dom["rows"] == pytest.approx(2 / 3)  # row 2 hurts language 0 (1.5) more than its own (1.4)
+    assert dom["cols"] == 1.0  # yet every language is hurt most by its own neurons
     d = np.log([[3.0, 1.1, 1.0], [1.0, 2.0, 1.2], [1.5, 1.0, 1.4]])
     assert dom["margin"] == pytest.approx(np.trace(d) / 3 - (d.sum() - np.trace(d)) / 6)
 

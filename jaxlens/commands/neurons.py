@@ -39,13 +39,17 @@ def _corpus(args, split):
 
 def _lines(path, curves: dict, title: str, ylabel: str, marks=()):
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, ys in curves.items():
-        ax.plot(range(len(ys)), ys, marker="o", markersize=3, label=name, linewidth=2.5 if name == "all" else 1.2)
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, ys) in enumerate(curves.items()):
+        ax.plot(range(len(ys)), ys, marker="o", markersize=3, label=name, color="black" if name == "all" else colors[i % 20],
+                linewidth=2.5 if name == "all" else 1.2)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for x in marks:
         ax.axvline(x - 0.5, color="grey", linestyle=":")
     ax.set_xlabel("layer")
