@@ -67,15 +67,21 @@ def _heatmap(path, matrix, rows, cols, title: str, label: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(cols), 1.0 + 0.5 * len(rows)))
-    im = ax.imshow(matrix, cmap="Reds")
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * len(cols), 1.0 + 0.5 * len(rows)))
+    matrix = np.asarray(matrix)
+    # Log colour scale: one fragile language (a ratio of 1e4) must not wash out the 2x-5x cells.
+    im = ax.imshow(matrix, cmap="Reds", norm=LogNorm(vmin=max(matrix.min(), 1e-3), vmax=max(matrix.max(), 1.01)))
     ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("evaluated language")
     ax.set_ylabel("deactivated language")
     for i in range(len(rows)):
         for j in range(len(cols)):
-            ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=6)
+            v = matrix[i][j]
+            ax.text(j, i, f"{v:.2f}" if v < 100 else f"{v:.0f}", ha="center", va="center", fontsize=6)
     fig.colorbar(im, ax=ax, label=label)
     ax.set_title(title)
     fig.tight_layout()
