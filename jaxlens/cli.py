@@ -1,6 +1,7 @@
 """`jaxlens` command line: one sub-command per job, each in its own module of `jaxlens.commands`.
 
   jaxlens lens    [--model M] [--prompt TEXT] [--top-k K] [--out FILE]   text logit lens
+  jaxlens neurons stats|lape|classify|deactivate|compare ... --out DIR     language neurons
   jaxlens convert SRC OUT [--dtype D] [--allow-pickle]                   checkpoint -> orbax
   jaxlens families                                                       supported model families
 """
