@@ -1,11 +1,5 @@
-"""`jaxlens` command line: one sub-command per job, each in its own module of `jaxlens.commands`.
-
-  jaxlens lens    [--model M] [--prompt TEXT] [--top-k K] [--out FILE]   text logit lens
-  jaxlens eval    [--model M] --data xcopa|FILE.jsonl [--langs L,..] [--english] [--limit N] --out DIR
-                                                                         multilingual multiple choice
-  jaxlens convert SRC OUT [--dtype D] [--allow-pickle]                   checkpoint -> orbax
-  jaxlens families                                                       supported model families
-"""
+"""`jaxlens` command line: one sub-command per job, each in its own module of `jaxlens.commands`
+(`jaxlens --help` lists them, `jaxlens COMMAND --help` gives each one's options)."""
 
 from __future__ import annotations
 
