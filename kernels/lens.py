@@ -1,8 +1,34 @@
-"""Logit lens, plain version: residuals at chosen positions -> final norm -> unembedding -> top-k.
+"""The logit lens as one fused, vocabulary-chunked, sharded kernel.
 
-The residuals come in already gathered at the positions asked for ([L, B, P, D], usually P=1),
-so the [L, B, P, V] logits stay small. The fused, vocabulary-chunked kernel that never
-materialises the vocabulary axis is the job of the logit-lens issue.
+    out = logit_lens(params, resid, config=cfg, k=5, targets=ids, token_sets=sets)
+    out = lens_from_tokens(params, tokens, mask, config=cfg, positions="last")  # forward + lens, one jit
+
+Per residual row h (a layer at a sequence position) the lens reads the model's own head:
+`z = softcap(W_U · FinalNorm(h))` (the tuned lens first maps h -> h + A h + b). The [V] logits are
+never stored: the vocabulary is walked in chunks of `chunk` ids (`lax.scan`) and every output is a
+running statistic of the chunks seen so far:
+
+  logsumexp  running max m and  s = Σ exp(z - m)              -> lse = m + log s
+  entropy    t = Σ exp(z - m)(z - m)                          -> H = log s - t / s
+  top-k      the chunk's top min(k, chunk) merged into the running top-k
+  targets    z_target gathered once; rank = #{v != target : z_v > z_target}
+  token sets u = Σ_{v in set} exp(z - m)                       -> P(set) = u / s
+  KL         w = Σ exp(z_f - m_f)(z_f - z)  against the reference logits z_f
+             -> KL(final || layer) = w / s_f - lse_f + lse
+
+When the running max grows from m to m', the sums are rescaled by exp(m - m') (t also gains
+(m - m') s). The reference for the KL is `final_logits` when given, else the LAST of the L layers
+passed in (pass all layers, or let `lens_from_tokens` append the last one). The vocabulary need
+not divide by the chunk: the last chunk starts earlier (dynamic_slice clamps it) and the ids it
+repeats get -inf logits, so nothing is padded or copied.
+
+Sharded (a mesh with axes `data`, `model`): rows split over `data` (the batch), the vocabulary over
+`model` as `jaxlens.sharding` already places the unembedding; each device runs the chunk loop over
+its vocabulary slice and the statistics are merged across `model` with pmax/psum/all_gather. Peak
+extra memory is O(L*B*P*chunk) per device.
+
+Axis letters: L layers read, B batch, P positions, D d_model, V vocab, C chunk, k top-k,
+n targets per row, S token sets, M = B*P rows per layer.
 """
 
 from __future__ import annotations
@@ -11,19 +37,370 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlens.config import ModelConfig
-from jaxlens.models.transformer import RMSNorm
+from jaxlens.models import transformer
+
+OUTPUTS = ("top_ids", "top_probs", "logsumexp", "entropy", "target_probs", "target_ranks", "set_probs", "kl")
+
+
+# ---- the family's head: final norm, unembedding, soft-cap (one place for every family) -------
+
+
+def final_norm(params, h, config: ModelConfig):
+    """The model's own final norm of h [..., D] (RMSNorm, Gemma's (1+w), or LayerNorm by config)."""
+    make_norm = getattr(transformer, "make_norm", None)  # families that choose their norm by config.norm
+    norm = make_norm(config) if make_norm else transformer.RMSNorm(config.norm_eps, config.norm_plus_one)
+    return norm.apply({"params": params["final_norm"]}, h)
+
+
+def final_softcap(z, config: ModelConfig):
+    """Gemma 2's final logit soft-cap c * tanh(z / c); identity for families without one."""
+    cap = getattr(config, "final_softcap", None)
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+
+def unembedding(params, config: ModelConfig):
+    """(W, tied): tied -> the embedding [V, D]; untied -> unembed [D, V]. Never transposed (no copy)."""
+    return (params["embedding"], True) if config.tie_embeddings else (params["unembed"], False)
+
+
+def apply_translators(resid, translators):
+    """Tuned lens: h -> h + A h + b per layer. resid [L, B, P, D]; A [L, D, D]; b [L, D]."""
+    A, b = translators["A"], translators["b"]
+    Ah = jnp.einsum("lbpj,lij->lbpi", resid, A.astype(resid.dtype))
+    return resid + Ah + b.astype(resid.dtype)[:, None, None, :]
+
+
+def _chunk_logits(x, w, start, size, tied):
+    """x [L, M, D] against vocabulary ids [start, start+size) of w -> [L, M, C] float32."""
+    if tied:  # w [V, D]
+        rows = lax.dynamic_slice_in_dim(w, start, size, axis=0)  # [C, D]
+        return jnp.einsum("lmd,cd->lmc", x, rows.astype(x.dtype), preferred_element_type=jnp.float32)
+    cols = lax.dynamic_slice_in_dim(w, start, size, axis=1)  # [D, C]
+    return jnp.einsum("lmd,dc->lmc", x, cols.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _target_logits(x, w, targets, offset, tied, config):
+    """z at the target ids [M, n] for every layer -> [L, M, n]; ids outside this vocabulary slice -> 0
+    (the shards' pieces are summed)."""
+    v_local = w.shape[0] if tied else w.shape[1]
+    local = targets - offset
+    here = (local >= 0) & (local < v_local)
+    local = jnp.clip(local, 0, v_local - 1)
+    rows = jnp.take(w, local, axis=0) if tied else jnp.take(w, local, axis=1).transpose(1, 2, 0)  # [M, n, D]
+    z = jnp.einsum("lmd,mnd->lmn", x, rows.astype(x.dtype), preferred_element_type=jnp.float32)
+    return jnp.where(here, final_softcap(z, config), 0.0)
+
+
+# ---- the per-device pass over its vocabulary slice ---------------------------------------------
+
+
+def _scan_vocab(x, w, tied, config, *, k, chunk, offset, zt, targets, sets, ref):
+    """Running statistics of one vocabulary slice. x [L, M, D] normed rows; w this device's slice
+    of the unembedding; zt [L, M, n] target logits (already complete); targets [M, n] global ids;
+    sets [S, V_local] or None; ref [M, V_local] reference logits, or None for the last layer."""
+    L, M, _ = x.shape
+    v_local = w.shape[0] if tied else w.shape[1]
+    C = min(chunk, v_local)
+    n_chunks = -(-v_local // C)
+    kc = min(k, C)
+    f32 = jnp.float32
+
+    def step(st, c):
+        start = jnp.minimum(c * C, v_local - C)  # the last chunk is clamped back inside the slice
+        ids = start + jnp.arange(C)  # [C] local ids
+        fresh = ids >= c * C  # ids an earlier chunk did not already count
+        z = final_softcap(_chunk_logits(x, w, start, C, tied), config)
+        z = jnp.where(fresh, z, -jnp.inf)  # [L, M, C]
+
+        # logsumexp and entropy, rescaled to the new running max
+        m_new = jnp.maximum(st["m"], z.max(-1))
+        d = jnp.where(st["s"] > 0, st["m"] - m_new, 0.0)  # 0 before the first chunk (m = -inf)
+        a = jnp.exp(d)
+        zc = jnp.where(fresh, z - m_new[..., None], 0.0)
+        e = jnp.where(fresh, jnp.exp(zc), 0.0)  # [L, M, C]
+        new = {"m": m_new, "s": a * st["s"] + e.sum(-1), "t": a * (st["t"] + d * st["s"]) + (e * zc).sum(-1)}
+
+        # running top-k: this chunk's best merged with the best so far
+        vals, idx = lax.top_k(z, kc)
+        vals = jnp.concatenate([st["top_v"], vals], -1)
+        gids = jnp.concatenate([st["top_i"], (idx + start + offset).astype(jnp.int32)], -1)
+        new["top_v"], pick = lax.top_k(vals, k)
+        new["top_i"] = jnp.take_along_axis(gids, pick, -1)
+
+        if zt is not None:  # how many other ids beat each target
+            beats = (z[..., None, :] > zt[..., None]) & ((ids + offset)[None, None] != targets[..., None])[None]
+            new["rank"] = st["rank"] + beats.sum(-1, dtype=jnp.int32)  # [L, M, n]
+        if sets is not None:
+            members = lax.dynamic_slice_in_dim(sets, start, C, axis=1).astype(f32)  # [S, C]
+            new["u"] = a[..., None] * st["u"] + jnp.einsum("lmc,sc->lms", e, members)
+
+        # KL(reference || layer): the reference's own running max/sum and w = Σ e_f (z_f - z)
+        zf = z[-1] if ref is None else jnp.where(fresh, lax.dynamic_slice_in_dim(ref, start, C, axis=1).astype(f32), -jnp.inf)
+        mf_new = jnp.maximum(st["mf"], zf.max(-1))
+        df = jnp.where(st["sf"] > 0, st["mf"] - mf_new, 0.0)
+        af = jnp.exp(df)
+        ef = jnp.where(fresh, jnp.exp(zf - mf_new[:, None]), 0.0)  # [M, C]
+        gap = jnp.where(fresh, zf - z, 0.0)  # [L, M, C]
+        new["sf"] = af * st["sf"] + ef.sum(-1)
+        new["mf"] = mf_new
+        new["w"] = af * st["w"] + (ef * gap).sum(-1)
+        return new, None
+
+    zeros = jnp.zeros((L, M), f32)
+    init = {
+        "m": jnp.full((L, M), -jnp.inf, f32), "s": zeros, "t": zeros,
+        "top_v": jnp.full((L, M, k), -jnp.inf, f32), "top_i": jnp.zeros((L, M, k), jnp.int32),
+        "mf": jnp.full((M,), -jnp.inf, f32), "sf": jnp.zeros((M,), f32), "w": zeros,
+    }
+    if zt is not None:
+        init["rank"] = jnp.zeros(zt.shape, jnp.int32)
+    if sets is not None:
+        init["u"] = jnp.zeros((L, M, sets.shape[0]), f32)
+    stats, _ = lax.scan(step, init, jnp.arange(n_chunks))
+    return stats
+
+
+def _merge_shards(st, axis):
+    """Combine the vocabulary slices' statistics across mesh axis `axis` (None: nothing to do)."""
+    if axis is None:
+        return st
+    m = lax.pmax(st["m"], axis)
+    a = jnp.exp(st["m"] - m)  # every slice saw finite logits, so this is finite
+    out = {"m": m, "s": lax.psum(a * st["s"], axis), "t": lax.psum(a * (st["t"] + (st["m"] - m) * st["s"]), axis)}
+    if "u" in st:
+        out["u"] = lax.psum(a[..., None] * st["u"], axis)
+    if "rank" in st:
+        out["rank"] = lax.psum(st["rank"], axis)
+    mf = lax.pmax(st["mf"], axis)
+    af = jnp.exp(st["mf"] - mf)
+    out["mf"], out["sf"], out["w"] = mf, lax.psum(af * st["sf"], axis), lax.psum(af * st["w"], axis)
+    k = st["top_v"].shape[-1]
+    vals = jnp.moveaxis(lax.all_gather(st["top_v"], axis), 0, -2)  # [L, M, shards, k]
+    ids = jnp.moveaxis(lax.all_gather(st["top_i"], axis), 0, -2)
+    out["top_v"], pick = lax.top_k(vals.reshape(*vals.shape[:-2], -1), k)
+    out["top_i"] = jnp.take_along_axis(ids.reshape(*ids.shape[:-2], -1), pick, -1)
+    return out
+
+
+def _lens_local(x, w, targets, sets, ref, *, tied, config, k, chunk, axis):
+    """One device's share: x [L, B, P, D] normed, w its vocabulary slice -> the outputs [L, B, P, ...]."""
+    L, B, Pn, D = x.shape
+    M = B * Pn
+    x = x.reshape(L, M, D)
+    v_local = w.shape[0] if tied else w.shape[1]
+    offset = lax.axis_index(axis) * v_local if axis is not None else 0
+    zt = None
+    if targets is not None:
+        targets = targets.reshape(M, -1)
+        zt = _target_logits(x, w, targets, offset, tied, config)
+        if axis is not None:
+            zt = lax.psum(zt, axis)
+    if ref is not None:
+        ref = ref.reshape(M, -1)
+    st = _scan_vocab(x, w, tied, config, k=k, chunk=chunk, offset=offset, zt=zt, targets=targets, sets=sets, ref=ref)
+    st = _merge_shards(st, axis)
+
+    log_s = jnp.log(st["s"])
+    lse = st["m"] + log_s
+    lse_f = st["mf"] + jnp.log(st["sf"])
+    out = {
+        "top_ids": st["top_i"],
+        "top_probs": jnp.exp(st["top_v"] - lse[..., None]),
+        "logsumexp": lse,
+        "entropy": log_s - st["t"] / st["s"],
+        "kl": st["w"] / st["sf"][None] - lse_f[None] + lse,
+    }
+    if zt is not None:
+        out["target_probs"] = jnp.exp(zt - lse[..., None])
+        out["target_ranks"] = st["rank"]
+    if sets is not None:
+        out["set_probs"] = st["u"] / st["s"][..., None]
+    return {name: v.reshape(L, B, Pn, *v.shape[2:]) for name, v in out.items()}
+
+
+# ---- the public kernel ---------------------------------------------------------------------------
+
+
+def _mesh_of(params, config) -> Mesh | None:
+    """The mesh the unembedding lives on, when it is a concrete array placed by `jaxlens.load`."""
+    w, _ = unembedding(params, config)
+    sharding = getattr(w, "sharding", None) if isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer) else None
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        return sharding.mesh
+    return None
+
+
+def _check(resid, config, k, valid, targets, token_sets, final_logits, translators):
+    V = config.vocab_size
+    if resid.ndim != 4 or resid.shape[-1] != config.d_model:
+        raise ValueError(f"resid must be [layers, batch, positions, d_model={config.d_model}]; got {tuple(resid.shape)}")
+    L, B, Pn, _ = resid.shape
+    if not 1 <= k <= V:
+        raise ValueError(f"k={k} must be between 1 and the vocabulary size {V}")
+    if valid is not None and tuple(valid.shape) != (B, Pn):
+        raise ValueError(f"valid must be [batch, positions] = {(B, Pn)}; got {tuple(valid.shape)}")
+    if targets is not None and not (targets.ndim == 1 or tuple(targets.shape[:2]) == (B, Pn) and targets.ndim == 3):
+        raise ValueError(f"targets must be [n] or [batch, positions, n] = {(B, Pn)} + (n,); got {tuple(targets.shape)}")
+    if token_sets is not None and (token_sets.ndim != 2 or token_sets.shape[1] != V):
+        raise ValueError(f"token_sets must be [sets, vocab={V}] booleans; got {tuple(token_sets.shape)}")
+    if final_logits is not None and tuple(final_logits.shape) != (B, Pn, V):
+        raise ValueError(f"final_logits must be [batch, positions, vocab] = {(B, Pn, V)}; got {tuple(final_logits.shape)}")
+    if translators is not None and (translators["A"].shape != (L, config.d_model, config.d_model) or translators["b"].shape != (L, config.d_model)):
+        raise ValueError(
+            f"translators must hold A [{L}, D, D] and b [{L}, D] for the {L} layers of resid; "
+            f"got A {tuple(translators['A'].shape)}, b {tuple(translators['b'].shape)}"
+        )
+
+
+def logit_lens(params, resid, *, config: ModelConfig, valid=None, k: int = 5, targets=None, token_sets=None,
+               final_logits=None, translators=None, chunk: int = 8192, mesh: Mesh | None = None) -> dict:
+    """The lens of residuals at chosen layers and positions, without materialising [L, B, P, V].
+
+    resid [L, B, P, D]: block outputs (`resid_post`, before the final norm). valid [B, P] bool:
+    False rows (padding) come back as 0 (ids and ranks -1). targets [B, P, n] or [n] int: ids whose
+    probability and rank (0 = top) are wanted. token_sets [S, V] bool: the summed probability of
+    each set. final_logits [B, P, V] or None: the reference of the KL(final || layer); None means the
+    LAST of the L layers is the reference (pass the last layer; its own KL is then 0).
+    translators {A [L, D, D], b [L, D]} or None: the tuned lens's h + A h + b before the final norm.
+    mesh: where to shard (default: the mesh the params were placed on by `jaxlens.load`).
+
+    Returns float32 arrays [L, B, P, ...]: top_ids [k] int32, top_probs [k], logsumexp, entropy,
+    target_probs [n], target_ranks [n] int32 (with targets), set_probs [S] (with token_sets), kl.
+    """
+    _check(resid, config, k, valid, targets, token_sets, final_logits, translators)
+    if mesh is None:
+        mesh = _mesh_of(params, config)
+    return _logit_lens(params, resid, valid, targets, token_sets, final_logits, translators,
+                       config=config, k=k, chunk=chunk, mesh=mesh)
+
+
+@partial(jax.jit, static_argnames=("config", "k", "chunk", "mesh"))
+def _logit_lens(params, resid, valid, targets, token_sets, final_logits, translators, *, config, k, chunk, mesh):
+    return _lens(params, resid, valid, targets, token_sets, final_logits, translators, config=config, k=k, chunk=chunk, mesh=mesh)
+
+
+def _lens(params, resid, valid, targets, token_sets, final_logits, translators, *, config, k, chunk, mesh):
+    """Traceable body of `logit_lens` (called inside other jitted programs too)."""
+    L, B, Pn, _ = resid.shape
+    if translators is not None:
+        resid = apply_translators(resid, translators)
+    x = final_norm(params, resid, config)  # [L, B, P, D]
+    w, tied = unembedding(params, config)
+    if targets is not None:
+        targets = jnp.broadcast_to(jnp.asarray(targets, jnp.int32), (B, Pn, targets.shape[-1]))
+    args = {"x": x, "w": w, "targets": targets, "sets": token_sets, "ref": final_logits}
+    body = partial(_lens_local, tied=tied, config=config, k=k, chunk=chunk)
+
+    if mesh is None:
+        out = body(**args, axis=None)
+    else:
+        data = "data" if B % mesh.shape["data"] == 0 else None
+        # Vocabulary over `model` when it divides (as jaxlens.sharding places the unembedding).
+        vocab = "model" if mesh.shape["model"] > 1 and config.vocab_size % mesh.shape["model"] == 0 else None
+        specs = {
+            "x": P(None, data), "w": P(vocab, None) if tied else P(None, vocab),
+            "targets": P(data), "sets": P(None, vocab), "ref": P(data, None, vocab),
+        }
+        in_specs = {name: (specs[name] if a is not None else None) for name, a in args.items()}
+        out_spec = P(None, data)
+        fn = jax.shard_map(lambda a: body(**a, axis=vocab), mesh=mesh, in_specs=(in_specs,), out_specs=out_spec, check_vma=False)
+        out = fn(args)
+
+    if valid is not None:
+        keep = valid.astype(bool)[None, :, :]  # [1, B, P]
+        out = {
+            name: jnp.where(keep.reshape(keep.shape + (1,) * (v.ndim - 3)), v, -1 if name in ("top_ids", "target_ranks") else 0)
+            for name, v in out.items()
+        }
+    return out
+
+
+# ---- forward and lens in one program --------------------------------------------------------------
+
+
+def _positions(mask, positions):
+    """-> (index [B, P] into the T axis, valid [B, P]). 'last': each row's last real token; 'all':
+    every position; an int array [B, P]: those positions (negative = none, masked)."""
+    B, T = mask.shape
+    real = mask.astype(bool)
+    if isinstance(positions, str):
+        if positions == "last":
+            index = (T - 1 - jnp.argmax(real[:, ::-1], axis=1))[:, None]  # left or right padding
+        else:  # "all"
+            index = jnp.broadcast_to(jnp.arange(T), (B, T))
+    else:
+        index = jnp.asarray(positions, jnp.int32)
+    valid = (index >= 0) & jnp.take_along_axis(real, jnp.clip(index, 0, T - 1), axis=1)
+    return jnp.clip(index, 0, T - 1), valid
+
+
+def lens_from_tokens(params, tokens, mask=None, *, config: ModelConfig, layers=None, positions="last", k: int = 5,
+                     targets=None, token_sets=None, translators=None, chunk: int = 8192, mesh: Mesh | None = None) -> dict:
+    """Forward pass and logit lens in ONE jitted program: tokens [B, T] -> the lens outputs at
+    `layers` (default all; a sequence of block indices) and `positions` ('last', 'all', or [B, P]
+    int). The KL reference is always the model's last layer (appended internally when not asked).
+    translators: the tuned lens for ALL n_layers blocks ({A [n_layers, D, D], b [n_layers, D]}).
+    Returns `logit_lens`'s dict plus "positions" [B, P] and "valid" [B, P]; the model's own logits
+    are never computed (XLA drops the unused head of the forward)."""
+    from jaxlens.models import check_tokens
+
+    tokens = jnp.asarray(tokens, jnp.int32)
+    check_tokens(config, tokens)
+    mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask)
+    n = config.n_layers
+    layers = tuple(range(n)) if layers is None else tuple(int(i) % n for i in layers)
+    if isinstance(positions, str) and positions not in ("last", "all"):
+        raise ValueError(f"positions={positions!r}: use 'last', 'all' or a [batch, positions] int array")
+    if not isinstance(positions, str):
+        positions = jnp.asarray(positions, jnp.int32)
+        if positions.ndim != 2 or positions.shape[0] != tokens.shape[0]:
+            raise ValueError(f"positions must be 'last', 'all' or [batch, positions] ints; got shape {tuple(positions.shape)}")
+    if targets is not None:
+        targets = jnp.asarray(targets, jnp.int32)
+    if mesh is None:
+        mesh = _mesh_of(params, config)
+    return _lens_from_tokens(params, tokens, mask, None if isinstance(positions, str) else positions, targets, token_sets,
+                             translators, config=config, layers=layers, mode=positions if isinstance(positions, str) else None,
+                             k=k, chunk=chunk, mesh=mesh)
+
+
+@partial(jax.jit, static_argnames=("config", "layers", "mode", "k", "chunk", "mesh"))
+def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, translators, *, config, layers, mode, k, chunk, mesh):
+    from jaxlens.models import _forward
+
+    _, sites = _forward(params, tokens, mask, config, ("resid_post",))
+    index, valid = _positions(mask, mode if mode is not None else positions)
+    read = layers if layers[-1] == config.n_layers - 1 else layers + (config.n_layers - 1,)  # + the reference
+    resid = sites["resid_post"][jnp.asarray(read)]  # [L', B, T, D]
+    resid = jnp.take_along_axis(resid, index[None, :, :, None], axis=2)  # [L', B, P, D]
+    if translators is not None:
+        translators = jax.tree.map(lambda a: a[jnp.asarray(read)], translators)
+    if targets is not None and targets.ndim == 3 and targets.shape[1] != index.shape[1]:
+        raise ValueError(f"targets [B, P, n] must have P = {index.shape[1]} positions; got {tuple(targets.shape)}")
+    out = _lens(params, resid, valid, targets, token_sets, None, translators, config=config, k=k, chunk=chunk, mesh=mesh)
+    out = {name: v[: len(layers)] for name, v in out.items()}  # drop the appended reference
+    return {**out, "positions": index, "valid": valid}
+
+
+# ---- the plain version the `lens` command used before the fused kernel --------------------------
 
 
 @partial(jax.jit, static_argnames=("config", "k"))
 def lens_topk(params, resid, *, config: ModelConfig, k: int = 5):
-    """resid [L, B, P, D] (pre-norm block outputs, i.e. `resid_post`) -> (ids, probs) [L, B, P, k].
-
-    Every layer gets the model's own final norm once; the last layer then equals the model's logits.
-    """
-    normed = RMSNorm(config.norm_eps, config.norm_plus_one).apply({"params": params["final_norm"]}, resid)
-    unembed = params["embedding"].T if config.tie_embeddings else params["unembed"]  # [D, V]
-    logits = jnp.einsum("lbpd,dv->lbpv", normed, unembed.astype(normed.dtype), preferred_element_type=jnp.float32)
+    """resid [L, B, P, D] -> (ids, probs) [L, B, P, k], materialising the [L, B, P, V] logits.
+    Kept for `jaxlens lens` until it moves to `logit_lens`."""
+    logits = logits_of(params, resid, config)
     probs, ids = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)
     return ids, probs
+
+
+def logits_of(params, resid, config):
+    """Full logits [..., V] float32 of residuals (for small inputs and references only)."""
+    normed = final_norm(params, resid, config)
+    w, tied = unembedding(params, config)
+    spec = "...d,vd->...v" if tied else "...d,dv->...v"
+    return final_softcap(jnp.einsum(spec, normed, w.astype(normed.dtype), preferred_element_type=jnp.float32), config)
