@@ -19,8 +19,8 @@ running statistic of the chunks seen so far:
 When the running max grows from m to m', the sums are rescaled by exp(m - m') (t also gains
 (m - m') s). The reference for the KL is `final_logits` when given, else the LAST of the L layers
 passed in (pass all layers, or let `lens_from_tokens` append the last one). The vocabulary need
-not divide by the chunk: the last chunk starts earlier (dynamic_slice clamps it) and the ids it
-repeats get -inf logits, so nothing is padded or copied.
+not divide by the chunk: the remainder is folded in as one smaller chunk after the loop, so
+nothing is padded or copied.
 
 Sharded (a mesh with axes `data`, `model`): rows split over `data` (the batch), the vocabulary over
 `model` as `jaxlens.sharding` already places the unembedding; each device runs the chunk loop over
@@ -98,70 +98,124 @@ def _target_logits(x, w, targets, offset, tied, config):
 # ---- the per-device pass over its vocabulary slice ---------------------------------------------
 
 
-def _scan_vocab(x, w, tied, config, *, k, chunk, offset, zt, targets, sets, ref):
-    """Running statistics of one vocabulary slice. x [L, M, D] normed rows; w this device's slice
+def _top_k(z, k, block=128):
+    """Exact top-k over the last axis of z [..., C]. For k <= C / block: the k best blocks by their
+    maxima hold the k best values, so only k * block candidates go through the sort (XLA:CPU's
+    top_k on the whole chunk costs about as much as two passes over it)."""
+    C = z.shape[-1]
+    if C % block or k > C // block:
+        return lax.top_k(z, min(k, C))
+    blocks = z.reshape(*z.shape[:-1], C // block, block)  # [..., C/block, block]
+    _, best = lax.top_k(blocks.max(-1), k)  # [..., k] block indices
+    cand = jnp.take_along_axis(blocks, best[..., None], axis=-2).reshape(*z.shape[:-1], k * block)
+    vals, pos = lax.top_k(cand, k)
+    return vals, jnp.take_along_axis(best, pos // block, axis=-1) * block + pos % block
+
+
+def _fold_chunk(st, x, wc, ids, *, tied, config, k, zt, targets, members, zf):
+    """Fold one vocabulary chunk into one row tile's statistics.
+
+    x [L, R, D] normed rows (R positions, every layer); wc the chunk of the unembedding ([C, D]
+    tied, [D, C] untied); ids [C] their global ids; zt [L, R, n] target logits; targets [R, n];
+    members [S, C] token-set membership; zf [R, C] reference logits (None: the last layer's)."""
+    spec = "lrd,cd->lrc" if tied else "lrd,dc->lrc"
+    z = final_softcap(jnp.einsum(spec, x, wc.astype(x.dtype), preferred_element_type=jnp.float32), config)  # [L, R, C]
+
+    # logsumexp and entropy, rescaled to the new running max
+    m_new = jnp.maximum(st["m"], z.max(-1))
+    d = jnp.where(st["s"] > 0, st["m"] - m_new, 0.0)  # 0 before the first chunk (m = -inf)
+    a = jnp.exp(d)
+    zc = z - m_new[..., None]
+    e = jnp.exp(zc)  # [L, R, C]
+    new = {"m": m_new, "s": a * st["s"] + e.sum(-1), "t": a * (st["t"] + d * st["s"]) + (e * zc).sum(-1)}
+
+    # running top-k: this chunk's best merged with the best so far
+    vals, idx = _top_k(z, k)
+    vals = jnp.concatenate([st["top_v"], vals], -1)
+    gids = jnp.concatenate([st["top_i"], ids[idx]], -1)
+    new["top_v"], pick = lax.top_k(vals, k)
+    new["top_i"] = jnp.take_along_axis(gids, pick, -1)
+
+    if zt is not None:  # how many other ids beat each target
+        beats = (z[..., None, :] > zt[..., None]) & (ids != targets[..., None])[None]  # [L, R, n, C]
+        new["rank"] = st["rank"] + beats.sum(-1, dtype=jnp.int32)
+    if members is not None:
+        new["u"] = a[..., None] * st["u"] + jnp.einsum("lrc,sc->lrs", e, members)
+
+    # KL(reference || layer): the reference's own running max/sum and w = sum e_f (z_f - z)
+    zf = z[-1] if zf is None else zf  # [R, C]
+    mf_new = jnp.maximum(st["mf"], zf.max(-1))
+    df = jnp.where(st["sf"] > 0, st["mf"] - mf_new, 0.0)
+    af = jnp.exp(df)
+    ef = jnp.exp(zf - mf_new[:, None])  # [R, C]
+    new["sf"] = af * st["sf"] + ef.sum(-1)
+    new["mf"] = mf_new
+    new["w"] = af * st["w"] + (ef * (zf - z)).sum(-1)
+    return new
+
+
+def _scan_vocab(x, w, tied, config, *, k, chunk, tile_rows, offset, zt, targets, sets, ref):
+    """Running statistics over one vocabulary slice. x [L, M, D] normed rows; w this device's slice
     of the unembedding; zt [L, M, n] target logits (already complete); targets [M, n] global ids;
-    sets [S, V_local] or None; ref [M, V_local] reference logits, or None for the last layer."""
-    L, M, _ = x.shape
+    sets [S, V_local] or None; ref [M, V_local] reference logits, or None for the last layer.
+
+    Loop order: chunks of the vocabulary outside, tiles of R positions (all L layers) inside, so a
+    tile's [L, R, C] logits stay in cache while the statistics read them several times, and the
+    unembedding is streamed from memory once."""
+    L, M, D = x.shape
     v_local = w.shape[0] if tied else w.shape[1]
     C = min(chunk, v_local)
-    n_chunks = -(-v_local // C)
-    kc = min(k, C)
+    R = max(1, min(M, tile_rows // L))
+    T = -(-M // R)
     f32 = jnp.float32
 
-    def step(st, c):
-        start = jnp.minimum(c * C, v_local - C)  # the last chunk is clamped back inside the slice
-        ids = start + jnp.arange(C)  # [C] local ids
-        fresh = ids >= c * C  # ids an earlier chunk did not already count
-        z = final_softcap(_chunk_logits(x, w, start, C, tied), config)
-        z = jnp.where(fresh, z, -jnp.inf)  # [L, M, C]
+    def tiles(a, axis):  # [..., M, ...] -> [T, ..., R, ...], padding M up to T * R
+        a = jnp.pad(a, [(0, T * R - M if i == axis else 0) for i in range(a.ndim)])
+        a = a.reshape(*a.shape[:axis], T, R, *a.shape[axis + 1 :])
+        return jnp.moveaxis(a, axis, 0)
 
-        # logsumexp and entropy, rescaled to the new running max
-        m_new = jnp.maximum(st["m"], z.max(-1))
-        d = jnp.where(st["s"] > 0, st["m"] - m_new, 0.0)  # 0 before the first chunk (m = -inf)
-        a = jnp.exp(d)
-        zc = jnp.where(fresh, z - m_new[..., None], 0.0)
-        e = jnp.where(fresh, jnp.exp(zc), 0.0)  # [L, M, C]
-        new = {"m": m_new, "s": a * st["s"] + e.sum(-1), "t": a * (st["t"] + d * st["s"]) + (e * zc).sum(-1)}
+    xs = {"x": tiles(x, 1)}  # [T, L, R, D]
+    if zt is not None:
+        xs["zt"], xs["targets"] = tiles(zt, 1), tiles(targets, 0)
 
-        # running top-k: this chunk's best merged with the best so far
-        vals, idx = lax.top_k(z, kc)
-        vals = jnp.concatenate([st["top_v"], vals], -1)
-        gids = jnp.concatenate([st["top_i"], (idx + start + offset).astype(jnp.int32)], -1)
-        new["top_v"], pick = lax.top_k(vals, k)
-        new["top_i"] = jnp.take_along_axis(gids, pick, -1)
+    def fold(st, start, size):
+        """Chunk [start, start + size) (size static) into every tile's statistics."""
+        wc = lax.dynamic_slice_in_dim(w, start, size, axis=0 if tied else 1)
+        ids = (start + offset + jnp.arange(size)).astype(jnp.int32)
+        members = None if sets is None else lax.dynamic_slice_in_dim(sets, start, size, axis=1).astype(f32)
+        chunk_xs = dict(xs, st=st)
+        if ref is not None:
+            chunk_xs["zf"] = tiles(lax.dynamic_slice_in_dim(ref, start, size, axis=1).astype(f32), 0)  # [T, R, C]
 
-        if zt is not None:  # how many other ids beat each target
-            beats = (z[..., None, :] > zt[..., None]) & ((ids + offset)[None, None] != targets[..., None])[None]
-            new["rank"] = st["rank"] + beats.sum(-1, dtype=jnp.int32)  # [L, M, n]
-        if sets is not None:
-            members = lax.dynamic_slice_in_dim(sets, start, C, axis=1).astype(f32)  # [S, C]
-            new["u"] = a[..., None] * st["u"] + jnp.einsum("lmc,sc->lms", e, members)
+        def tile(_, a):
+            return None, _fold_chunk(a["st"], a["x"], wc, ids, tied=tied, config=config, k=k, zt=a.get("zt"),
+                                     targets=a.get("targets"), members=members, zf=a.get("zf"))
 
-        # KL(reference || layer): the reference's own running max/sum and w = Σ e_f (z_f - z)
-        zf = z[-1] if ref is None else jnp.where(fresh, lax.dynamic_slice_in_dim(ref, start, C, axis=1).astype(f32), -jnp.inf)
-        mf_new = jnp.maximum(st["mf"], zf.max(-1))
-        df = jnp.where(st["sf"] > 0, st["mf"] - mf_new, 0.0)
-        af = jnp.exp(df)
-        ef = jnp.where(fresh, jnp.exp(zf - mf_new[:, None]), 0.0)  # [M, C]
-        gap = jnp.where(fresh, zf - z, 0.0)  # [L, M, C]
-        new["sf"] = af * st["sf"] + ef.sum(-1)
-        new["mf"] = mf_new
-        new["w"] = af * st["w"] + (ef * gap).sum(-1)
-        return new, None
+        return lax.scan(tile, None, chunk_xs)[1]
 
-    zeros = jnp.zeros((L, M), f32)
-    init = {
-        "m": jnp.full((L, M), -jnp.inf, f32), "s": zeros, "t": zeros,
-        "top_v": jnp.full((L, M, k), -jnp.inf, f32), "top_i": jnp.zeros((L, M, k), jnp.int32),
-        "mf": jnp.full((M,), -jnp.inf, f32), "sf": jnp.zeros((M,), f32), "w": zeros,
+    zeros = jnp.zeros((T, L, R), f32)
+    st = {
+        "m": jnp.full((T, L, R), -jnp.inf, f32), "s": zeros, "t": zeros,
+        "top_v": jnp.full((T, L, R, k), -jnp.inf, f32), "top_i": jnp.zeros((T, L, R, k), jnp.int32),
+        "mf": jnp.full((T, R), -jnp.inf, f32), "sf": jnp.zeros((T, R), f32), "w": zeros,
     }
     if zt is not None:
-        init["rank"] = jnp.zeros(zt.shape, jnp.int32)
+        st["rank"] = jnp.zeros((T, L, R, zt.shape[-1]), jnp.int32)
     if sets is not None:
-        init["u"] = jnp.zeros((L, M, sets.shape[0]), f32)
-    stats, _ = lax.scan(step, init, jnp.arange(n_chunks))
-    return stats
+        st["u"] = jnp.zeros((T, L, R, sets.shape[0]), f32)
+    # Whole chunks in a loop, then the remainder as one smaller chunk: nothing padded or masked.
+    n_full, tail = divmod(v_local, C)
+    st, _ = lax.scan(lambda st, c: (fold(st, c * C, C), None), st, jnp.arange(n_full))
+    if tail:
+        st = fold(st, n_full * C, tail)
+
+    def untile(name, a):  # [T, L, R, ...] -> [L, M, ...]; the reference's [T, R] -> [M]
+        if name in ("mf", "sf"):
+            return a.reshape(T * R)[:M]
+        a = jnp.moveaxis(a, 0, 1)
+        return a.reshape(L, T * R, *a.shape[3:])[:, :M]
+
+    return {name: untile(name, a) for name, a in st.items()}
 
 
 def _merge_shards(st, axis):
@@ -186,7 +240,7 @@ def _merge_shards(st, axis):
     return out
 
 
-def _lens_local(x, w, targets, sets, ref, *, tied, config, k, chunk, axis):
+def _lens_local(x, w, targets, sets, ref, *, tied, config, k, chunk, tile_rows, axis):
     """One device's share: x [L, B, P, D] normed, w its vocabulary slice -> the outputs [L, B, P, ...]."""
     L, B, Pn, D = x.shape
     M = B * Pn
@@ -201,7 +255,7 @@ def _lens_local(x, w, targets, sets, ref, *, tied, config, k, chunk, axis):
             zt = lax.psum(zt, axis)
     if ref is not None:
         ref = ref.reshape(M, -1)
-    st = _scan_vocab(x, w, tied, config, k=k, chunk=chunk, offset=offset, zt=zt, targets=targets, sets=sets, ref=ref)
+    st = _scan_vocab(x, w, tied, config, k=k, chunk=chunk, tile_rows=tile_rows, offset=offset, zt=zt, targets=targets, sets=sets, ref=ref)
     st = _merge_shards(st, axis)
 
     log_s = jnp.log(st["s"])
@@ -257,7 +311,8 @@ def _check(resid, config, k, valid, targets, token_sets, final_logits, translato
 
 
 def logit_lens(params, resid, *, config: ModelConfig, valid=None, k: int = 5, targets=None, token_sets=None,
-               final_logits=None, translators=None, chunk: int = 8192, mesh: Mesh | None = None) -> dict:
+               final_logits=None, translators=None, chunk: int = 4096, tile_rows: int = 256,
+               mesh: Mesh | None = None) -> dict:
     """The lens of residuals at chosen layers and positions, without materialising [L, B, P, V].
 
     resid [L, B, P, D]: block outputs (`resid_post`, before the final norm). valid [B, P] bool:
@@ -275,15 +330,16 @@ def logit_lens(params, resid, *, config: ModelConfig, valid=None, k: int = 5, ta
     if mesh is None:
         mesh = _mesh_of(params, config)
     return _logit_lens(params, resid, valid, targets, token_sets, final_logits, translators,
-                       config=config, k=k, chunk=chunk, mesh=mesh)
+                       config=config, k=k, chunk=chunk, tile_rows=tile_rows, mesh=mesh)
 
 
-@partial(jax.jit, static_argnames=("config", "k", "chunk", "mesh"))
-def _logit_lens(params, resid, valid, targets, token_sets, final_logits, translators, *, config, k, chunk, mesh):
-    return _lens(params, resid, valid, targets, token_sets, final_logits, translators, config=config, k=k, chunk=chunk, mesh=mesh)
+@partial(jax.jit, static_argnames=("config", "k", "chunk", "tile_rows", "mesh"))
+def _logit_lens(params, resid, valid, targets, token_sets, final_logits, translators, *, config, k, chunk, tile_rows, mesh):
+    return _lens(params, resid, valid, targets, token_sets, final_logits, translators, config=config, k=k, chunk=chunk,
+                 tile_rows=tile_rows, mesh=mesh)
 
 
-def _lens(params, resid, valid, targets, token_sets, final_logits, translators, *, config, k, chunk, mesh):
+def _lens(params, resid, valid, targets, token_sets, final_logits, translators, *, config, k, chunk, tile_rows, mesh):
     """Traceable body of `logit_lens` (called inside other jitted programs too)."""
     L, B, Pn, _ = resid.shape
     if translators is not None:
@@ -293,7 +349,7 @@ def _lens(params, resid, valid, targets, token_sets, final_logits, translators, 
     if targets is not None:
         targets = jnp.broadcast_to(jnp.asarray(targets, jnp.int32), (B, Pn, targets.shape[-1]))
     args = {"x": x, "w": w, "targets": targets, "sets": token_sets, "ref": final_logits}
-    body = partial(_lens_local, tied=tied, config=config, k=k, chunk=chunk)
+    body = partial(_lens_local, tied=tied, config=config, k=k, chunk=chunk, tile_rows=tile_rows)
 
     if mesh is None:
         out = body(**args, axis=None)
@@ -339,7 +395,8 @@ def _positions(mask, positions):
 
 
 def lens_from_tokens(params, tokens, mask=None, *, config: ModelConfig, layers=None, positions="last", k: int = 5,
-                     targets=None, token_sets=None, translators=None, chunk: int = 8192, mesh: Mesh | None = None) -> dict:
+                     targets=None, token_sets=None, translators=None, chunk: int = 4096, tile_rows: int = 256,
+                     mesh: Mesh | None = None) -> dict:
     """Forward pass and logit lens in ONE jitted program: tokens [B, T] -> the lens outputs at
     `layers` (default all; a sequence of block indices) and `positions` ('last', 'all', or [B, P]
     int). The KL reference is always the model's last layer (appended internally when not asked).
@@ -365,11 +422,12 @@ def lens_from_tokens(params, tokens, mask=None, *, config: ModelConfig, layers=N
         mesh = _mesh_of(params, config)
     return _lens_from_tokens(params, tokens, mask, None if isinstance(positions, str) else positions, targets, token_sets,
                              translators, config=config, layers=layers, mode=positions if isinstance(positions, str) else None,
-                             k=k, chunk=chunk, mesh=mesh)
+                             k=k, chunk=chunk, tile_rows=tile_rows, mesh=mesh)
 
 
-@partial(jax.jit, static_argnames=("config", "layers", "mode", "k", "chunk", "mesh"))
-def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, translators, *, config, layers, mode, k, chunk, mesh):
+@partial(jax.jit, static_argnames=("config", "layers", "mode", "k", "chunk", "tile_rows", "mesh"))
+def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, translators, *, config, layers, mode, k, chunk,
+                      tile_rows, mesh):
     from jaxlens.models import _forward
 
     _, sites = _forward(params, tokens, mask, config, ("resid_post",))
@@ -381,7 +439,8 @@ def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, tran
         translators = jax.tree.map(lambda a: a[jnp.asarray(read)], translators)
     if targets is not None and targets.ndim == 3 and targets.shape[1] != index.shape[1]:
         raise ValueError(f"targets [B, P, n] must have P = {index.shape[1]} positions; got {tuple(targets.shape)}")
-    out = _lens(params, resid, valid, targets, token_sets, None, translators, config=config, k=k, chunk=chunk, mesh=mesh)
+    out = _lens(params, resid, valid, targets, token_sets, None, translators, config=config, k=k, chunk=chunk,
+                tile_rows=tile_rows, mesh=mesh)
     out = {name: v[: len(layers)] for name, v in out.items()}  # drop the appended reference
     return {**out, "positions": index, "valid": valid}
 

@@ -31,7 +31,7 @@ def compare(a, b):
 for tied in (True, False):
     config, params, resid, tr = make_case(5, L=3, B=8, P=3, V=302, tied=tied, translators=True)
     rng = np.random.default_rng(1)
-    kw = dict(config=config, k=7, chunk=40, targets=rng.integers(0, 302, (8, 3, 2)).astype(np.int32),
+    kw = dict(config=config, k=7, chunk=40, tile_rows=7, targets=rng.integers(0, 302, (8, 3, 2)).astype(np.int32),
               token_sets=rng.random((3, 302)) < 0.2, valid=rng.random((8, 3)) < 0.8, translators=tr)
     one = logit_lens(params, resid, **kw)
     sharded = jax.jit(lambda p, r: logit_lens(p, r, mesh=mesh, **kw))  # traced: the explicit mesh is used

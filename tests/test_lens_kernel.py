@@ -111,10 +111,13 @@ def check(out, ref, *, valid=None, atol=2e-5):
 
 CASES = {
     # vocab not divisible by the chunk; untied [D, V] unembedding; Gemma's (1 + w) norm
-    "ragged-vocab": dict(case=dict(V=300, tied=False), chunk=64, k=5),
+    # several row tiles, the last one padded (tile_rows // L positions per tile)
+    "ragged-vocab": dict(case=dict(V=300, tied=False), chunk=64, k=5, tile_rows=9),
     "tied-plus-one": dict(case=dict(V=257, plus_one=True), chunk=100, k=3),
     # k larger than the chunk: the running top-k merges several chunks' whole contents
     "k-over-chunk": dict(case=dict(V=200), chunk=16, k=40),
+    # chunks a multiple of 128 take the block-maxima top-k
+    "block-top-k": dict(case=dict(V=2100, P=3), chunk=1024, k=8, tile_rows=12),
     "one-position": dict(case=dict(L=2, B=1, P=1, V=130), chunk=32, k=4),
     "chunk-over-vocab": dict(case=dict(V=50), chunk=8192, k=5),
     "softcap": dict(case=dict(V=211, softcap=5.0), chunk=50, k=5),
@@ -135,7 +138,7 @@ def test_matches_float64_reference(name):
     valid = rng.random((B, P)) < 0.75
     valid[0, 0] = True
     out = logit_lens(params, jnp.asarray(resid), config=config, valid=valid, k=spec["k"], targets=targets,
-                     token_sets=sets, translators=tr, chunk=spec["chunk"])
+                     token_sets=sets, translators=tr, chunk=spec["chunk"], tile_rows=spec.get("tile_rows", 256))
     ref = reference(config, params, resid, k=spec["k"], targets=targets, sets=sets, translators=tr)
     check(out, ref, valid=valid)
     assert out["top_ids"].dtype == jnp.int32 and out["target_ranks"].dtype == jnp.int32
