@@ -1,6 +1,8 @@
 """`jaxlens` command line: one sub-command per job, each in its own module of `jaxlens.commands`.
 
-  jaxlens lens    [--model M] [--prompt TEXT] [--top-k K] [--out FILE]   text logit lens
+  jaxlens lens    [--model M] [--prompt TEXT | --prompts FILE] --out DIR    logit-lens grid (PNG, HTML, arrays)
+  jaxlens latent-language [--source fr] [--target zh] [--words CSV] --out DIR   P(en) vs P(target) per layer
+  jaxlens mc-lens (--xcopa zh,sw | --items JSONL) --out DIR                 option probabilities per layer
   jaxlens convert SRC OUT [--dtype D] [--allow-pickle]                   checkpoint -> orbax
   jaxlens families                                                       supported model families
 """

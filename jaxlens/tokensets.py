@@ -141,6 +141,8 @@ def filter_items(
     vocab: VocabStrings,
     compare: tuple[str, str] = ("en", "zh"),
     ambiguous: str = "drop",
+    source: str | None = None,
+    source_overlap: str = "remove",
 ) -> tuple[list[Item], list[dict]]:
     """Token sets for each concept's words, and METHODS.md §A's item filter.
 
@@ -148,11 +150,19 @@ def filter_items(
     compare: the two languages whose probabilities are contrasted (English first).
     ambiguous: what to do with ids in both compared sets: "drop" the item (METHODS.md), "remove"
       the shared ids from both sets (dropping the item only if a set becomes empty), or "keep".
+    source: the prompt's input language. A token of both the English and the source word (fr
+      "Albanie" / en "Albania": "Alb") would count copying the input as English, so (our addition
+      to METHODS.md's filter): concepts whose source word IS the English word are dropped, and
+      `source_overlap` ("remove", "drop" or "keep") handles ids in both the English and source
+      sets like `ambiguous` does. Pass source=None for METHODS.md's filter alone.
     Items are also dropped when any set is empty or the English word is a substring of the other
     (case-insensitive). Returns (kept items, dropped [{words, reason}]).
     """
-    if ambiguous not in ("drop", "remove", "keep"):
-        raise ValueError(f"ambiguous must be 'drop', 'remove' or 'keep', not {ambiguous!r}")
+    for name, value in (("ambiguous", ambiguous), ("source_overlap", source_overlap)):
+        if value not in ("drop", "remove", "keep"):
+            raise ValueError(f"{name} must be 'drop', 'remove' or 'keep', not {value!r}")
+    if source in compare:
+        source = None  # nothing to separate
     en, other = compare
     kept, dropped = [], []
     for row in words:
@@ -161,15 +171,22 @@ def filter_items(
             raise ValueError(f"word list row {dict(row)} has no word for {missing}")
         sets = {lang: token_set(word, vocab) for lang, word in row.items()}
         shared = sets[en] & sets[other]
+        copied = sets[en] & sets[source] if source is not None else frozenset()
         reason = None
         if row[en].strip().casefold() in row[other].strip().casefold():
             reason = f"the English word is a substring of the {other} word"
+        elif source is not None and row[source].strip().casefold() == row[en].strip().casefold():
+            reason = f"the {source} word is the English word"
         elif shared and ambiguous == "drop":
             reason = f"{len(shared)} token(s) in both sets: {sorted(shared)[:5]}"
+        elif copied and source_overlap == "drop":
+            reason = f"{len(copied)} token(s) in both the English and {source} sets: {sorted(copied)[:5]}"
         else:
             if shared and ambiguous == "remove":
                 sets[en], sets[other] = sets[en] - shared, sets[other] - shared
-            empty = [lang for lang, s in sets.items() if not s]
+            if copied and source_overlap == "remove":
+                sets[en], sets[source] = sets[en] - copied, sets[source] - copied
+            empty = [lang for lang in compare if not sets[lang]]  # the source's own set is only reported
             if empty:
                 reason = f"empty token set for {empty}"
         if reason:

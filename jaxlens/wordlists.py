@@ -80,7 +80,7 @@ def babel_words(source: str, target: str, categories: Sequence[str] = CATEGORIES
         raise ValueError(f"Babel/CLDR has no locale for {e}; use a locale code such as fr, de, ru, zh, ja") from None
     tables = {
         "territories": lambda loc: {k: v for k, v in loc.territories.items() if re.fullmatch(r"[A-Z]{2}", k)},
-        "languages": lambda loc: {k: v for k, v in loc.languages.items() if re.fullmatch(r"[a-z]{2,3}", k)},
+        "languages": lambda loc: {k: v for k, v in loc.languages.items() if re.fullmatch(r"[a-z]{2}", k)},  # ISO 639-1: the better-known ones
         "months": lambda loc: dict(loc.months["format"]["wide"]),
     }
     words, seen = [], set()

@@ -76,7 +76,7 @@ def test_filter_items_rules_and_ambiguity():
     vocab = sp_vocab()
     words = [
         {"en": "cloud", "fr": "nuage", "zh": "云"},  # kept
-        {"en": "x", "fr": "nuage", "zh": "zzz"},  # zh set empty
+        {"en": "x", "fr": "zzz", "zh": "zzz"},  # zh set empty (an empty fr set alone is fine)
         {"en": "Canada", "fr": "Canada", "zh": "Canada"},  # en is a substring of zh
         {"en": "cloud", "fr": "nuage", "zh": "ch"},  # sets share c/▁c/C: ambiguous
     ]
@@ -90,6 +90,14 @@ def test_filter_items_rules_and_ambiguity():
     (item,) = kept
     assert item.ambiguous == ids("c", "▁c", "C") and item.sets["zh"] == ids("ch", "▁ch")
     assert not item.sets["en"] & item.sets["zh"] and item.sets["en"] == token_set("cloud", vocab) - item.ambiguous
+    kept, dropped = filter_items([{"en": "cloud", "fr": "Cloud", "zh": "云"}], vocab, compare=("en", "zh"), source="fr")
+    assert not kept and dropped[0]["reason"] == "the fr word is the English word"
+    # source overlap: "cl" is in both the English and the source word's sets
+    row = [{"en": "cloud", "fr": "clou", "zh": "云"}]
+    (item,), _ = filter_items(row, vocab, compare=("en", "zh"), source="fr")
+    assert item.sets["en"] == ids("cloud", "▁cloud", "Cloud") and item.sets["fr"] == frozenset()
+    assert filter_items(row, vocab, compare=("en", "zh"), source="fr", source_overlap="drop")[0] == []
+    assert filter_items(row, vocab, compare=("en", "zh"), source="fr", source_overlap="keep")[0][0].sets["en"] == token_set("cloud", vocab)
     with pytest.raises(ValueError, match="ambiguous"):
         filter_items(words, vocab, ambiguous="maybe")
     with pytest.raises(ValueError, match="no word for"):
