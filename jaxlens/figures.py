@@ -108,7 +108,8 @@ def _short(token: str, width: int = 8) -> str:
     token = token.replace("\n", "\\n").replace("\t", "\\t")
     if not token.strip():
         token = token.replace(" ", "·") or "∅"  # make spaces and empty strings visible
-    return token if len(token) <= width else token[: width - 1] + "…"
+    token = token if len(token) <= width else token[: width - 1] + "…"
+    return token.replace("$", r"\$")  # a literal dollar, not matplotlib mathtext
 
 
 def _save(fig, path) -> Path:

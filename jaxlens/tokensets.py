@@ -188,7 +188,8 @@ def filter_items(
                 sets[en], sets[source] = sets[en] - copied, sets[source] - copied
             empty = [lang for lang in compare if not sets[lang]]  # the source's own set is only reported
             if empty:
-                reason = f"empty token set for {empty}"
+                after = " after removing shared ids" if (shared and ambiguous == "remove") or (copied and source_overlap == "remove") else ""
+                reason = f"empty token set for {empty}{after}"
         if reason:
             dropped.append({"words": dict(row), "reason": reason})
         else:

@@ -184,3 +184,12 @@ def test_lens_cli_grid(tiny, tiny_dir, tmp_path):
     single = tmp_path / "one.json"
     assert cli.main(["lens", "--model", str(tiny_dir), "--prompt", "The cat", "--out", str(single)]) == 0
     assert len(json.loads(single.read_text(encoding="utf-8"))["layers"]) == L
+
+
+def test_token_grid_renders_odd_tokens(tmp_path):
+    from jaxlens.figures import cjk_font, token_grid
+
+    assert cjk_font() is not None  # mplfonts ships Noto Sans CJK SC
+    tokens = [["$$\\", "中", "\n"], ["$x$", " ", ""]]  # mathtext-like, CJK, whitespace, empty
+    path = token_grid(tmp_path / "g.png", tokens, [[0.1, 0.9, 0.5], [0.5, 0.7, 0.0]], ["$", "b", "云"], "t")
+    assert path.stat().st_size > 1000
