@@ -83,7 +83,7 @@ def test_latent_language_cli(tiny, tiny_dir, tmp_path, capsys):
     meta = json.loads((out / "latent.json").read_text(encoding="utf-8"))
     arrays = read_arrays(out / "latent.npz")
     n, L = meta["n_items"], tiny.config.n_layers
-    assert arrays["p_en"].shape == arrays["p_target"].shape == arrays["entropy"].shape == (n, L)
+    assert arrays["p_en"].shape == arrays["p_target"].shape == arrays["p_source"].shape == arrays["entropy"].shape == (n, L)
     assert n + meta["n_dropped"] == len(WORDS)
     per_layer = meta["per_layer"]
     np.testing.assert_allclose([r["p_en"] for r in per_layer], arrays["p_en"].mean(0), atol=1e-6)
@@ -99,6 +99,7 @@ def test_latent_language_cli(tiny, tiny_dir, tmp_path, capsys):
     assert cli.main(args) == 2  # refuses to overwrite without --overwrite
     assert cli.main(args[:-2] + ["--demos", "9", "--out", str(tmp_path / "bad")]) == 2  # too few words for 9 demos
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+    assert cli.main(args[:-2] + ["--source", "en", "--out", str(tmp_path / "bad")]) == 2  # English is the latent
 
 
 def test_mc_lens_cli(tiny, tiny_dir, tmp_path):
