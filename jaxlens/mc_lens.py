@@ -80,7 +80,9 @@ def read_jsonl(path) -> list[MCItem]:
 @dataclasses.dataclass
 class LangReading:
     """One language's reading: p_labels [N, L, K], p_correct [N, L], correct [N, L] (the correct
-    label has the highest label probability), cos_en [N, L] (None for English itself)."""
+    label has the highest label probability), cos_en [N, L] (None for English itself), and
+    cos_en_centered [N, L]: the same after subtracting, per layer, the mean residual of both sides
+    (raw residuals share a large common direction, so raw cosines sit near 1 at every layer)."""
 
     items: list[MCItem]
     p_labels: np.ndarray
@@ -88,6 +90,7 @@ class LangReading:
     correct: np.ndarray
     resid: np.ndarray
     cos_en: np.ndarray | None = None
+    cos_en_centered: np.ndarray | None = None
 
 
 def read_items(model, items: Sequence[MCItem], template: str = MC_TEMPLATE, batch_size: int = 16,
@@ -125,26 +128,32 @@ def mc_lens(model, by_lang: dict[str, Sequence[MCItem]], english: dict[str, tupl
         if name not in out:
             out[name] = read_items(model, en_items, template, batch_size, progress, desc=name)
         en_row = {it.id: r for r, it in enumerate(out[name].items)}
-        cos = np.full(reading.p_correct.shape, np.nan)  # [N, L]; NaN: no parallel English item
-        for i, it in enumerate(reading.items):
-            if it.id in en_row:
-                cos[i] = cosine(reading.resid[i], out[name].resid[en_row[it.id]])
-        reading.cos_en = cos
+        pairs = [(i, en_row[it.id]) for i, it in enumerate(reading.items) if it.id in en_row]
+        mine, theirs = reading.resid[[i for i, _ in pairs]], out[name].resid[[j for _, j in pairs]]  # [M, L, D]
+        centre = np.concatenate([mine, theirs]).mean(axis=0)  # [L, D]
+        reading.cos_en = np.full(reading.p_correct.shape, np.nan)  # [N, L]; NaN: no parallel English item
+        reading.cos_en_centered = reading.cos_en.copy()
+        rows = [i for i, _ in pairs]
+        reading.cos_en[rows] = cosine(mine, theirs)
+        reading.cos_en_centered[rows] = cosine(mine - centre, theirs - centre)
     return out
 
 
 def summary_rows(readings: dict[str, LangReading], n_boot: int = 1000, seed: int = 0) -> tuple[list[str], list[list]]:
     """Per language and layer: mean and 95% band of P(correct), label accuracy, cosine to English."""
     header = ["lang", "layer", "n", "p_correct", "p_correct_lo", "p_correct_hi", "accuracy",
-              "cos_en", "cos_en_lo", "cos_en_hi"]
+              "cos_en", "cos_en_lo", "cos_en_hi", "cos_en_centered", "cos_en_centered_lo", "cos_en_centered_hi"]
     rows = []
     for lang, r in readings.items():
         pc = bootstrap_mean(r.p_correct, n_boot=n_boot, seed=seed)
         acc = r.correct.mean(axis=0)
-        has_cos = r.cos_en is not None and np.isfinite(r.cos_en).any()
-        cos = bootstrap_mean(r.cos_en[np.isfinite(r.cos_en[:, 0])], n_boot=n_boot, seed=seed) if has_cos else None
+        paired = np.isfinite(r.cos_en[:, 0]) if r.cos_en is not None else None
+        has_cos = paired is not None and paired.any()
+        cos = bootstrap_mean(r.cos_en[paired], n_boot=n_boot, seed=seed) if has_cos else None
+        cen = bootstrap_mean(r.cos_en_centered[paired], n_boot=n_boot, seed=seed) if has_cos else None
         for layer in range(r.p_correct.shape[1]):
             row = [lang, layer, len(r.items)] + [round(float(a[layer]), 6) for a in pc] + [round(float(acc[layer]), 6)]
-            row += [round(float(a[layer]), 6) for a in cos] if cos else ["", "", ""]
+            for band in (cos, cen):
+                row += [round(float(a[layer]), 6) for a in band] if band else ["", "", ""]
             rows.append(row)
     return header, rows

@@ -119,7 +119,8 @@ def test_mc_lens_cli(tiny, tiny_dir, tmp_path):
     L = tiny.config.n_layers
     assert arrays["zh/p_labels"].shape == (5, L, 3) and arrays["zh/p_correct"].shape == (5, L)
     assert arrays["zh/cos_en"].shape == (5, L) and "en/cos_en" not in arrays
-    assert np.all(np.abs(arrays["zh/cos_en"]) <= 1 + 1e-6)
+    assert np.all(np.abs(arrays["zh/cos_en"]) <= 1 + 1e-6) and arrays["zh/cos_en_centered"].shape == (5, L)
+    assert np.all(np.abs(arrays["zh/cos_en_centered"]) <= 1 + 1e-6)
     # the correct option's probability at the last layer from the model's own logits
     from jaxlens.tokensets import token_set, vocab_strings
 
@@ -142,6 +143,17 @@ def test_mc_cosine_to_itself_is_one(tiny):
     english = [MCItem(str(i), "en", f"Q{i}?", ("a", "b"), 0) for i in range(3)]
     out = mc_lens(tiny, {"xx": items}, {"xx": ("en", english)}, progress=False)
     np.testing.assert_allclose(out["xx"].cos_en, 1.0, atol=1e-5)  # same prompt: same residual
+    np.testing.assert_allclose(out["xx"].cos_en_centered, 1.0, atol=1e-4)
+    # a different prompt: the cosine of the residuals captured by the plain forward pass
+    from jaxlens.prompts import mc_prompt
+
+    other = [MCItem(str(i), "yy", f"Autre {i}?", ("c", "d"), 1) for i in range(3)]
+    got = mc_lens(tiny, {"yy": other}, {"yy": ("en", english)}, progress=False)["yy"].cos_en
+    for i in range(3):
+        resid = [np.asarray(tiny(*tiny.encode([mc_prompt(it.question, it.options)]), capture=("resid_post",))[1]["resid_post"][:, 0, -1], np.float64)
+                 for it in (other[i], english[i])]  # [L, D] each
+        expected = (resid[0] * resid[1]).sum(-1) / np.linalg.norm(resid[0], axis=-1) / np.linalg.norm(resid[1], axis=-1)
+        np.testing.assert_allclose(got[i], expected, rtol=1e-4)
     np.testing.assert_allclose(out["xx"].p_correct, out["en"].p_correct, atol=1e-6)
 
 

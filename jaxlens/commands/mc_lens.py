@@ -58,7 +58,7 @@ def run(args) -> int:
             key = name.replace(":", "_")
             arrays |= {f"{key}/p_labels": r.p_labels, f"{key}/p_correct": r.p_correct, f"{key}/correct": r.correct}
             if r.cos_en is not None:
-                arrays[f"{key}/cos_en"] = r.cos_en
+                arrays |= {f"{key}/cos_en": r.cos_en, f"{key}/cos_en_centered": r.cos_en_centered}
         write_arrays(tmp / "mc.npz", **arrays)
         band = lambda name, col: tuple(np.array([row[header.index(c)] for row in rows if row[0] == name], float)  # noqa: E731
                                        for c in (col, col + "_lo", col + "_hi"))
@@ -66,7 +66,8 @@ def run(args) -> int:
                      f"P(correct option label) per layer ({args.model})")
         with_cos = [n for n, r in readings.items() if r.cos_en is not None]
         if with_cos:
-            layer_curves(tmp / "mc_cosine.png", {n: band(n, "cos_en") for n in with_cos},
+            layer_curves(tmp / "mc_cosine.png", {f"{n} {kind}": band(n, col) for n in with_cos
+                                                 for kind, col in (("raw", "cos_en"), ("centred", "cos_en_centered"))},
                          f"cosine of the last-token residual to English ({args.model})", ylabel="cosine", ylim=None)
         first = next(iter(readings.values())).items[0]
         sections = [
@@ -74,14 +75,16 @@ def run(args) -> int:
                     "answer position; shaded: 95% bootstrap bands over items. accuracy: the correct label has the highest "
                     "label probability at that layer.", figure="mc_correct.png"),
             *([Section("Shared space", text="Cosine between each language's last-token residual and the English residual "
-                       "of the parallel item, per layer.", figure="mc_cosine.png")] if with_cos else []),
+                       "of the parallel item, per layer: raw, and centred (both sides less their per-layer mean residual; "
+                       "raw residuals share a large common direction, so raw cosines sit near 1).",
+                       figure="mc_cosine.png")] if with_cos else []),
             Section("Per language and layer", table=(header, rows)),
             Section("Example prompt", code=mc_prompt(first.question, first.options, template)),
         ]
         write_report(tmp / "index.html", f"Multiple-choice lens ({args.model})", sections)
     last = [r for r in rows if r[1] == model.config.n_layers - 1]
     for r in last:
-        print(f"{r[0]:>6}: last layer P(correct) {r[3]:.3f}, accuracy {r[6]:.3f}" + (f", cos to en {r[7]:.3f}" if r[7] != "" else ""))
+        print(f"{r[0]:>6}: last layer P(correct) {r[3]:.3f}, accuracy {r[6]:.3f}" + (f", cos to en {r[7]:.3f} (centred {r[10]:.3f})" if r[7] != "" else ""))
     print(f"wrote mc.csv, mc.json, mc.npz, PNGs, index.html to {args.out}")
     return 0
 
