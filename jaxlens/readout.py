@@ -84,6 +84,7 @@ def read_last_token(
     weights = flat_w.reshape(len(prompts), S, n)
     batch_size = max(1, min(batch_size, len(prompts)))
     parts: dict[str, list] = {}
+    n_tokens = 0
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
@@ -100,8 +101,9 @@ def read_last_token(
         out = jax.device_get(_last_token_lens(model.params, *placed, config=model.config, keep_resid=keep_resid, mesh=model.mesh))
         for key, value in out.items():
             parts.setdefault(key, []).append(np.moveaxis(value, 1, 0)[:real])  # [real, L, ...]
+        n_tokens += int(mask[:real].sum())  # real tokens only, not padding
         bar.update(real)
-        bar.set_postfix(tokens_per_s=f"{bar.n * T / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+        bar.set_postfix(tokens_per_s=f"{n_tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
     bar.close()
     got = {k: np.concatenate(v) for k, v in parts.items()}
     probs = got["target_probs"].reshape(len(prompts), -1, S, n)  # [N, L, S, n]
