@@ -27,11 +27,11 @@ def language_name(lang: str) -> str:
     """How a prompt names a language: the table above, else CLDR's own name for it."""
     if lang in LANGUAGE_NAMES:
         return LANGUAGE_NAMES[lang]
-    try:
-        from babel import Locale
+    from babel import Locale, UnknownLocaleError
 
+    try:
         name = Locale.parse(lang.replace("-", "_")).get_display_name(lang.replace("-", "_"))
-    except Exception:  # unknown to CLDR: the code itself is still a usable label
+    except (UnknownLocaleError, ValueError):  # unknown to CLDR: the code itself is still a usable label
         return lang
     return name[:1].upper() + name[1:] if name else lang
 

@@ -53,7 +53,7 @@ class VocabStrings:
         return len(self.strings)
 
 
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def vocab_strings(tokenizer) -> VocabStrings:
