@@ -445,16 +445,7 @@ def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, tran
     return {**out, "positions": index, "valid": valid}
 
 
-# ---- the plain version the `lens` command used before the fused kernel --------------------------
-
-
-@partial(jax.jit, static_argnames=("config", "k"))
-def lens_topk(params, resid, *, config: ModelConfig, k: int = 5):
-    """resid [L, B, P, D] -> (ids, probs) [L, B, P, k], materialising the [L, B, P, V] logits.
-    Kept for `jaxlens lens` until it moves to `logit_lens`."""
-    logits = logits_of(params, resid, config)
-    probs, ids = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)
-    return ids, probs
+# ---- full logits, for small inputs (the tuned lens's training loss, references) -------------------
 
 
 def logits_of(params, resid, config):
