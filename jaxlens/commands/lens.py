@@ -1,48 +1,153 @@
-"""`jaxlens lens`: a text logit lens, the top next tokens read at every layer."""
+"""`jaxlens lens`: a text logit lens, the top next tokens read at every layer and position.
+
+With `--out DIR`: per prompt the layer x position grid of top-1 tokens coloured by probability
+(grid_<i>.png and a coloured table in index.html), the arrays (lens.npz) and lens.json.
+"""
 
 from __future__ import annotations
 
+import html
+import json
 import time
+from pathlib import Path
 
 from jaxlens.zoo import DEFAULT_MODEL
 
 DEFAULT_PROMPT = 'Français: "livre" - 中文: "书"\nFrançais: "eau" - 中文: "水"\nFrançais: "nuage" - 中文: "'
+PNG_COLUMNS = 32  # the PNG shows a prompt's last 32 positions (the HTML table shows all)
+
+
+def read_prompts(path) -> list[str]:
+    """.jsonl: one JSON string or {"prompt": ...} per line; otherwise one prompt per line (`\\n` = newline)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} not found")
+    prompts = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not JSON ({e.msg}); .jsonl lines are strings or {{\"prompt\": ...}}") from None
+            text = row.get("prompt") if isinstance(row, dict) else row
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{line_no}: expected a string or an object with a \"prompt\" string")
+            prompts.append(text)
+        else:
+            prompts.append(line.replace("\\n", "\n"))
+    if not prompts:
+        raise ValueError(f"{path} has no prompts")
+    return prompts
+
+
+def read_grid(model, prompts, k: int, batch_size: int = 8, progress: bool = True) -> list[dict]:
+    """Per prompt: input_ids [T], top_ids / top_probs [L, T, k], entropy [L, T] (the fused kernel)."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from jaxlens.kernels.lens import lens_from_tokens
+
+    results, n_tokens = [], 0
+    bar = tqdm(total=len(prompts), desc="lens", unit="prompt", disable=not progress)
+    for start in range(0, len(prompts), batch_size):
+        tokens, mask = model.encode(prompts[start : start + batch_size])
+        out = lens_from_tokens(model.params, tokens, mask, config=model.config, positions="all", k=k)
+        out = {name: np.asarray(v) for name, v in out.items()}
+        for row in range(tokens.shape[0]):
+            real = mask[row].astype(bool)  # [T]
+            results.append({"input_ids": tokens[row, real], "top_ids": out["top_ids"][:, row][:, real],
+                            "top_probs": out["top_probs"][:, row][:, real], "entropy": out["entropy"][:, row][:, real]})
+        n_tokens += int(mask.sum())
+        bar.update(tokens.shape[0])
+        bar.set_postfix(tokens_per_s=f"{n_tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+    bar.close()
+    return results
+
+
+def grid_html(tokens, probs, columns) -> str:
+    """A coloured table: one row per layer (last on top), one column per position; hover = prob."""
+    L, T = probs.shape
+    head = "<tr><th>layer</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
+    rows = []
+    for layer in reversed(range(L)):
+        cells = []
+        for pos in range(T):
+            p = float(probs[layer, pos])
+            colour = "#fff" if p > 0.6 else "#000"
+            cells.append(f"<td style='background:rgba(33,113,181,{p:.2f});color:{colour}' title='{p:.3f}'>"
+                         f"{html.escape(repr(tokens[layer][pos])[1:-1])}</td>")
+        rows.append(f"<tr><th>{layer}</th>{''.join(cells)}</tr>")
+    return "<div style='overflow-x:auto'><table>" + head + "".join(rows) + "</table></div>"
 
 
 def run(args) -> int:
-    import numpy as np
-
     import jaxlens
-    from jaxlens.io import write_json
-    from jaxlens.kernels.lens import lens_topk
 
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
     t0 = time.perf_counter()
     model = jaxlens.load(args.model, dtype=args.dtype)
     print(f"loaded {args.model} ({model.config.family}, {model.config.n_layers} layers) in {time.perf_counter() - t0:.1f}s")
-    tokens, mask = model.encode([args.prompt])
-    _, sites = model(tokens, mask, capture=("resid_post",))
-    ids, probs = lens_topk(model.params, sites["resid_post"][:, :, -1:], config=model.config, k=args.top_k)
-    ids, probs = np.asarray(ids)[:, 0, 0], np.asarray(probs)[:, 0, 0]  # [L, k]
+    grids = read_grid(model, prompts, k=args.top_k, batch_size=args.batch_size, progress=len(prompts) > 1)
     decode = lambda i: model.tokenizer.decode([int(i)])  # noqa: E731
-    rows = [
-        {"layer": layer, "top": [{"token": decode(i), "id": int(i), "prob": float(p)} for i, p in zip(ids[layer], probs[layer])]}
-        for layer in range(model.config.n_layers)
-    ]
-    print(f"prompt: {args.prompt!r}\ntop-{args.top_k} next tokens read at each layer (last position):")
-    for row in rows:
-        cells = "  ".join(f"{t['token']!r} {t['prob']:.2f}" for t in row["top"])
-        print(f"  layer {row['layer']:>2}: {cells}")
-    if args.out:
+    first = grids[0]
+    print(f"prompt: {prompts[0]!r}\ntop-{args.top_k} next tokens read at each layer (last position):")
+    for layer in range(model.config.n_layers):
+        cells = "  ".join(f"{decode(i)!r} {p:.2f}" for i, p in zip(first["top_ids"][layer, -1], first["top_probs"][layer, -1]))
+        print(f"  layer {layer:>2}: {cells}")
+    if args.out and args.out.endswith(".json") and not args.prompts:  # the original one-file output
+        from jaxlens.io import write_json
+
+        rows = [{"layer": layer, "top": [{"token": decode(i), "id": int(i), "prob": float(p)}
+                                          for i, p in zip(first["top_ids"][layer, -1], first["top_probs"][layer, -1])]}
+                for layer in range(model.config.n_layers)]
         write_json(args.out, {"model": args.model, "prompt": args.prompt, "layers": rows})
         print(f"wrote {args.out}")
+    elif args.out:
+        write_outputs(args, model, prompts, grids, decode)
     return 0
 
 
+def write_outputs(args, model, prompts, grids, decode) -> None:
+    import numpy as np
+
+    from jaxlens.figures import token_grid
+    from jaxlens.io import output_dir, write_arrays, write_json
+    from jaxlens.report import Section, write_report
+
+    with output_dir(args.out, overwrite=args.overwrite) as tmp:
+        arrays, records, sections = {}, [], []
+        for i, (prompt, g) in enumerate(zip(prompts, grids)):
+            arrays |= {f"p{i}/{name}": v for name, v in g.items()}
+            inputs = [decode(t) for t in g["input_ids"]]
+            top1 = [[decode(t) for t in row] for row in g["top_ids"][:, :, 0]]  # [L][T]
+            probs = g["top_probs"][:, :, 0]  # [L, T]
+            keep = slice(max(0, len(inputs) - PNG_COLUMNS), len(inputs))
+            token_grid(tmp / f"grid_{i}.png", [row[keep] for row in top1], probs[:, keep], inputs[keep],
+                       f"prompt {i}: top-1 next token per layer ({args.model})")
+            records.append({"prompt": prompt, "input_tokens": inputs, "top1": top1, "top1_prob": np.round(probs, 5).tolist(),
+                            "entropy": np.round(g["entropy"], 4).tolist()})
+            note = f"(PNG: the last {PNG_COLUMNS} positions)" if len(inputs) > PNG_COLUMNS else ""
+            sections.append(Section(f"Prompt {i}", code=prompt, figure=f"grid_{i}.png",
+                                    text=f"Top-1 next token read at each layer (rows, last on top) and input position "
+                                         f"(columns); shading = its probability. {note}",
+                                    html=grid_html(top1, probs, inputs)))
+        write_arrays(tmp / "lens.npz", **arrays)
+        write_json(tmp / "lens.json", {"model": args.model, "top_k": args.top_k, "prompts": records})
+        write_report(tmp / "index.html", f"Logit lens ({args.model})", sections)
+    print(f"wrote lens.json, lens.npz, grid_*.png, index.html to {args.out}")
+
+
 def register(sub) -> None:
-    p = sub.add_parser("lens", help="text logit lens: top next tokens at every layer")
+    p = sub.add_parser("lens", help="text logit lens: top next tokens at every layer and position")
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias (gemma3-270m, smollm2-135m), HF dir, .gguf, hub id, or a convert output")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to read (default: a French->Chinese translation prompt)")
+    p.add_argument("--prompts", help=r"file of prompts: one per line (\n for a newline), or .jsonl strings / {prompt}")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
-    p.add_argument("--out", help="write the table as JSON here")
+    p.add_argument("--out", help="output directory (grid PNGs, index.html, lens.npz, lens.json); a .json path with "
+                                 "--prompt writes only the last position's table there")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=run)

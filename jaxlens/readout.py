@@ -1,0 +1,111 @@
+"""Read many prompts' last token through the fused logit lens, in fixed-shape batches.
+
+The analyses (latent language, multiple-choice reading) all ask the same thing of each prompt:
+at its last token and every layer, the probability of a few token sets (per prompt: its own
+words or option labels), the entropy, the top-1 id, and optionally the residual itself. Batches
+are left-padded to a bucketed length and a fixed batch size, so a run compiles a handful of
+programs however many prompts it reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlens.config import ModelConfig
+from jaxlens.models import forward
+from jaxlens.tokensets import padded_ids
+
+
+@partial(jax.jit, static_argnames=("config", "keep_resid", "mesh"))
+def _last_token_lens(params, tokens, mask, targets, *, config: ModelConfig, keep_resid: bool, mesh):
+    """tokens, mask [B, T] (left-padded); targets [B, 1, n] -> lens outputs at the last position.
+
+    Like `lens_from_tokens(positions="last")`, but the residual read comes back too (the shared-
+    space cosine needs it); the model's own logits are dropped by XLA as unused."""
+    from jaxlens.kernels.lens import logit_lens
+
+    _, sites = forward(params, tokens, mask, config=config, capture=("resid_post",))
+    resid = sites["resid_post"][:, :, -1:]  # [L, B, 1, D]: left padding puts every last token at -1
+    out = logit_lens(params, resid, config=config, k=1, targets=targets, mesh=mesh)
+    read = {
+        "target_probs": out["target_probs"][:, :, 0],  # [L, B, n]
+        "entropy": out["entropy"][:, :, 0],  # [L, B]
+        "top1": out["top_ids"][:, :, 0, 0],  # [L, B]
+    }
+    if keep_resid:
+        read["resid"] = resid[:, :, 0].astype(jnp.float32)  # [L, B, D]
+    return read
+
+
+@dataclasses.dataclass
+class Readout:
+    """Per prompt and layer: set_probs [N, L, S], entropy [N, L] (nats), top1 [N, L] ids,
+    resid [N, L, D] (only when asked for)."""
+
+    set_probs: np.ndarray
+    entropy: np.ndarray
+    top1: np.ndarray
+    resid: np.ndarray | None = None
+
+
+def _bucket(length: int, step: int = 16) -> int:
+    return -(-length // step) * step
+
+
+def read_last_token(
+    model,
+    prompts: Sequence[str],
+    sets: Sequence[Sequence[frozenset[int]]],
+    batch_size: int = 16,
+    keep_resid: bool = False,
+    progress: bool = True,
+    desc: str = "lens",
+) -> Readout:
+    """prompts[i] and its token sets sets[i] (S of them, the same S for every prompt) -> Readout."""
+    from tqdm.auto import tqdm
+
+    from jaxlens.sharding import batch_sharding
+
+    if len(prompts) != len(sets) or not prompts:
+        raise ValueError(f"need one list of token sets per prompt and at least one prompt; got {len(prompts)} prompts, {len(sets)} set lists")
+    n_sets = {len(s) for s in sets}
+    if len(n_sets) != 1:
+        raise ValueError(f"every prompt needs the same number of token sets, got {sorted(n_sets)}")
+    S = n_sets.pop()
+    flat_ids, flat_w = padded_ids([s for row in sets for s in row])  # [N*S, n]
+    n = flat_ids.shape[1]
+    ids = flat_ids.reshape(len(prompts), S * n)  # each prompt's sets side by side
+    weights = flat_w.reshape(len(prompts), S, n)
+    batch_size = max(1, min(batch_size, len(prompts)))
+    parts: dict[str, list] = {}
+    n_tokens = 0
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)  # fixed batch: no recompile on the last one
+        tokens, mask = model.encode(chunk)
+        T = min(_bucket(tokens.shape[1]), model.config.max_positions)
+        pad = T - tokens.shape[1]
+        tokens = np.pad(tokens, ((0, 0), (pad, 0)), constant_values=model.config.pad_token_id or 0)
+        mask = np.pad(mask, ((0, 0), (pad, 0)))
+        targets = ids[start : start + batch_size]
+        targets = np.concatenate([targets, np.repeat(targets[-1:], batch_size - real, 0)])[:, None, :]  # [B, 1, S*n]
+        placed = jax.device_put((tokens, mask, targets), batch_sharding(model.mesh, batch_size))
+        out = jax.device_get(_last_token_lens(model.params, *placed, config=model.config, keep_resid=keep_resid, mesh=model.mesh))
+        for key, value in out.items():
+            parts.setdefault(key, []).append(np.moveaxis(value, 1, 0)[:real])  # [real, L, ...]
+        n_tokens += int(mask[:real].sum())  # real tokens only, not padding
+        bar.update(real)
+        bar.set_postfix(tokens_per_s=f"{n_tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+    bar.close()
+    got = {k: np.concatenate(v) for k, v in parts.items()}
+    probs = got["target_probs"].reshape(len(prompts), -1, S, n)  # [N, L, S, n]
+    set_probs = np.einsum("nlsk,nsk->nls", probs, weights)
+    return Readout(set_probs, got["entropy"], got["top1"], got.get("resid"))
