@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -68,3 +69,27 @@ def test_save_load_round_trip(trained, tmp_path):
         tuned_lens.load(tmp_path)
     with pytest.raises(ValueError, match="train one for this model"):
         tuned_lens.load(out, model.config.__class__(**{**model.config.__dict__, "d_model": 32}))
+
+
+def test_lens_command_reads_through_saved_translators(tiny, tmp_path):
+    """`jaxlens lens --lens tuned --translators DIR` applies the saved translators in the kernel."""
+    import json
+
+    from jaxlens.cli import main
+    from jaxlens.kernels.lens import lens_from_tokens
+
+    model, _, directory = tiny
+    L, D = model.config.n_layers, model.config.d_model
+    rng = np.random.default_rng(0)
+    translators = {"A": jnp.asarray(0.3 * rng.standard_normal((L, D, D)), jnp.float32), "b": jnp.zeros((L, D), jnp.float32)}
+    tuned_lens.save(tmp_path / "tl", translators, config=model.config)
+    prompt = "The man turned on the tap."
+    for lens, extra in (("logit", []), ("tuned", ["--translators", str(tmp_path / "tl")])):
+        out = tmp_path / f"{lens}.json"
+        assert main(["lens", "--model", str(directory), "--prompt", prompt, "--lens", lens, *extra, "--out", str(out)]) == 0
+        tokens, mask = model.encode([prompt])
+        ref = lens_from_tokens(model.params, tokens, mask, config=model.config, k=5,
+                               translators=translators if lens == "tuned" else None)
+        got = [[t["id"] for t in row["top"]] for row in json.loads(out.read_text())["layers"]]
+        np.testing.assert_array_equal(got, np.asarray(ref["top_ids"])[:, 0, 0])
+    assert main(["lens", "--model", str(directory), "--prompt", prompt, "--lens", "tuned"]) == 2  # no translators

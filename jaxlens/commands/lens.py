@@ -42,8 +42,9 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
-def read_grid(model, prompts, k: int, batch_size: int = 8, progress: bool = True) -> list[dict]:
-    """Per prompt: input_ids [T], top_ids / top_probs [L, T, k], entropy [L, T] (the fused kernel)."""
+def read_grid(model, prompts, k: int, batch_size: int = 8, progress: bool = True, translators=None) -> list[dict]:
+    """Per prompt: input_ids [T], top_ids / top_probs [L, T, k], entropy [L, T] (the fused kernel;
+    with `translators`, the tuned lens)."""
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -53,7 +54,7 @@ def read_grid(model, prompts, k: int, batch_size: int = 8, progress: bool = True
     bar = tqdm(total=len(prompts), desc="lens", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         tokens, mask = model.encode(prompts[start : start + batch_size])
-        out = lens_from_tokens(model.params, tokens, mask, config=model.config, positions="all", k=k)
+        out = lens_from_tokens(model.params, tokens, mask, config=model.config, positions="all", k=k, translators=translators)
         out = {name: np.asarray(v) for name, v in out.items()}
         for row in range(tokens.shape[0]):
             real = mask[row].astype(bool)  # [T]
@@ -89,7 +90,15 @@ def run(args) -> int:
     t0 = time.perf_counter()
     model = jaxlens.load(args.model, dtype=args.dtype)
     print(f"loaded {args.model} ({model.config.family}, {model.config.n_layers} layers) in {time.perf_counter() - t0:.1f}s")
-    grids = read_grid(model, prompts, k=args.top_k, batch_size=args.batch_size, progress=len(prompts) > 1)
+    translators = None
+    if args.lens == "tuned":
+        if not args.translators:
+            raise ValueError("--lens tuned needs --translators DIR (train them: python -m jaxlens.tuned_lens --out DIR)")
+        from jaxlens import tuned_lens
+
+        translators = tuned_lens.load(args.translators, model.config)
+    grids = read_grid(model, prompts, k=args.top_k, batch_size=args.batch_size, progress=len(prompts) > 1,
+                      translators=translators)
     decode = lambda i: model.tokenizer.decode([int(i)])  # noqa: E731
     first = grids[0]
     print(f"prompt: {prompts[0]!r}\ntop-{args.top_k} next tokens read at each layer (last position):")
@@ -144,6 +153,8 @@ def register(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias (gemma3-270m, smollm2-135m), HF dir, .gguf, hub id, or a convert output")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to read (default: a French->Chinese translation prompt)")
     p.add_argument("--prompts", help=r"file of prompts: one per line (\n for a newline), or .jsonl strings / {prompt}")
+    p.add_argument("--lens", choices=("logit", "tuned"), default="logit", help="the plain logit lens, or tuned-lens translators")
+    p.add_argument("--translators", help="with --lens tuned: a directory written by `python -m jaxlens.tuned_lens`")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
