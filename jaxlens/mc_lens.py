@@ -5,76 +5,22 @@ probability of each option label ("A", "B", ...: the token set of the label, wit
 leading space) and of the correct one, per language; and the "shared space" measure, the cosine
 between a language's last-token residual and the English residual of the parallel item.
 
-Items: XCOPA (../shared/data/xcopa; English = data-gmt, the same idx) or the user's JSONL, one
-object per line: {"id": ..., "lang": "zh", "question": "...", "options": ["...", "..."], "answer": 1}
-(`answer`: the option's index or its label "B"). Parallel items share their id; English is "en".
-The prompt is `jaxlens.prompts.MC_TEMPLATE` [inferred default, configurable].
+Items and prompts are the evaluation harness's (`jaxlens.evaluation`: `Item`, `load_xcopa` /
+`xcopa_items`, `load_jsonl`, and a `Template`'s lettered prompt), so the lens reads exactly the
+prompts `jaxlens eval` scores. Parallel items share their id; English is "en".
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from jaxlens.bootstrap import bootstrap_mean
-from jaxlens.prompts import MC_TEMPLATE, OPTION_LABELS, mc_prompt
+from jaxlens.evaluation import LETTERS, XCOPA_TEMPLATE, Item, Template
 from jaxlens.readout import read_last_token
 from jaxlens.tokensets import token_set, vocab_strings
-
-
-@dataclasses.dataclass(frozen=True)
-class MCItem:
-    id: str
-    lang: str
-    question: str
-    options: tuple[str, ...]
-    answer: int  # index into options
-
-
-def xcopa_items(lang: str, split: str = "val", english: bool = False) -> list[MCItem]:
-    """XCOPA in `lang` (english=True: its English translation, same ids). The question names the
-    relation in English ("What was the cause?") in every language: a minimal, uniform scaffold."""
-    from jaxlens.data import xcopa
-
-    return [MCItem(str(r["idx"]), "en" if english else lang, f"{r['premise']} What was the {r['question']}?",
-                   (r["choice1"], r["choice2"]), int(r["label"])) for r in xcopa(lang, split, english=english)]
-
-
-def read_jsonl(path) -> list[MCItem]:
-    """The user's items; every error names the line and what to fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"items file {path} not found")
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e.msg})") from None
-            missing = [k for k in ("id", "lang", "question", "options", "answer") if k not in row]
-            if missing:
-                raise ValueError(f"{where}: missing key(s) {missing}; each line needs id, lang, question, options, answer")
-            options = row["options"]
-            if not isinstance(options, list) or not 2 <= len(options) <= len(OPTION_LABELS):
-                raise ValueError(f"{where}: options must be a list of 2 to {len(OPTION_LABELS)} strings")
-            answer = row["answer"]
-            if isinstance(answer, str) and answer in OPTION_LABELS[: len(options)]:
-                answer = OPTION_LABELS.index(answer)
-            if not isinstance(answer, int) or not 0 <= answer < len(options):
-                raise ValueError(f"{where}: answer {row['answer']!r} must be an option index 0..{len(options) - 1} "
-                                 f"or a label {list(OPTION_LABELS[: len(options)])}")
-            items.append(MCItem(str(row["id"]), str(row["lang"]), str(row["question"]), tuple(map(str, options)), answer))
-    if not items:
-        raise ValueError(f"{path} has no items")
-    return items
 
 
 @dataclasses.dataclass
@@ -84,7 +30,7 @@ class LangReading:
     cos_en_centered [N, L]: the same after subtracting, per layer, the mean residual of both sides
     (raw residuals share a large common direction, so raw cosines sit near 1 at every layer)."""
 
-    items: list[MCItem]
+    items: list[Item]
     p_labels: np.ndarray
     p_correct: np.ndarray
     correct: np.ndarray
@@ -93,12 +39,12 @@ class LangReading:
     cos_en_centered: np.ndarray | None = None
 
 
-def read_items(model, items: Sequence[MCItem], template: str = MC_TEMPLATE, batch_size: int = 16,
+def read_items(model, items: Sequence[Item], template: Template = XCOPA_TEMPLATE, batch_size: int = 16,
                progress: bool = True, desc: str = "mc") -> LangReading:
     vocab = vocab_strings(model.tokenizer)
     K = max(len(it.options) for it in items)
-    labels = [token_set(label, vocab, byte_token=False) for label in OPTION_LABELS[:K]]
-    prompts = [mc_prompt(it.question, it.options, template) for it in items]
+    labels = [token_set(label, vocab, byte_token=False) for label in LETTERS[:K]]
+    prompts = [template.lettered_text(it) for it in items]
     sets = [[labels[j] if j < len(it.options) else frozenset() for j in range(K)] for it in items]
     read = read_last_token(model, prompts, sets, batch_size=batch_size, keep_resid=True, progress=progress, desc=desc)
     answer = np.array([it.answer for it in items])
@@ -114,8 +60,8 @@ def cosine(a, b):
     return np.where(den > 0, num / np.maximum(den, 1e-30), 0.0)
 
 
-def mc_lens(model, by_lang: dict[str, Sequence[MCItem]], english: dict[str, tuple[str, Sequence[MCItem]]],
-            template: str = MC_TEMPLATE, batch_size: int = 16, progress: bool = True) -> dict[str, LangReading]:
+def mc_lens(model, by_lang: dict[str, Sequence[Item]], english: dict[str, tuple[str, Sequence[Item]]],
+            template: Template = XCOPA_TEMPLATE, batch_size: int = 16, progress: bool = True) -> dict[str, LangReading]:
     """by_lang: lang -> items; english: lang -> (name, the English items parallel to them, same ids).
     Returns name -> LangReading for every language and every English side read (each read once:
     the user's "en" items serve every language; XCOPA's "en:zh", "en:sw"... are per language)."""

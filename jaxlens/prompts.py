@@ -1,11 +1,10 @@
-"""Prompt templates of the multilingual analyses, in one place.
+"""Translation prompts of the latent-language analysis (multiple-choice prompts are the
+evaluation harness's `Template`, in jaxlens/evaluation.py).
 
 Translation (Wendler et al., METHODS.md §A): 4 demonstrations then the query, one per line,
     Français: "nuage" - 中文: "云"
     ...
     Français: "livre" - 中文: "
-Multiple choice (METHODS.md §1, [inferred]): a minimal zero-shot template whose next token is the
-option label; `MC_TEMPLATE` is the one default (the eval harness may supersede it).
 """
 
 from __future__ import annotations
@@ -56,13 +55,3 @@ def translation_prompts(words: Sequence[dict], source: str, target: str, n_demos
     return prompts
 
 
-OPTION_LABELS = "ABCDEFGH"
-MC_TEMPLATE = "{question}\n{options}\nAnswer:"  # options: one "A. text" line each
-
-
-def mc_prompt(question: str, options: Sequence[str], template: str = MC_TEMPLATE) -> str:
-    """A multiple-choice prompt whose next token is the answer's label (" A", " B", ...)."""
-    if not 2 <= len(options) <= len(OPTION_LABELS):
-        raise ValueError(f"a question needs 2 to {len(OPTION_LABELS)} options, got {len(options)}")
-    lines = "\n".join(f"{OPTION_LABELS[i]}. {o}" for i, o in enumerate(options))
-    return template.format(question=question, options=lines)

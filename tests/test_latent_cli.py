@@ -103,7 +103,7 @@ def test_latent_language_cli(tiny, tiny_dir, tmp_path, capsys):
 
 
 def test_mc_lens_cli(tiny, tiny_dir, tmp_path):
-    from jaxlens.prompts import mc_prompt
+    from jaxlens.evaluation import JSONL_TEMPLATE, Item
 
     rows = []
     for i in range(5):
@@ -127,7 +127,8 @@ def test_mc_lens_cli(tiny, tiny_dir, tmp_path):
     vocab = vocab_strings(tiny.tokenizer)
     zh = [r for r in rows if r["lang"] == "zh"]
     for i, r in enumerate(zh):
-        probs = last_layer_probs(tiny, mc_prompt(r["question"], r["options"]))
+        item = Item(r["id"], "zh", r["question"], tuple(r["options"]), 0)
+        probs = last_layer_probs(tiny, JSONL_TEMPLATE.lettered_text(item))
         label = "AB"[0 if r["answer"] == 0 else 1]
         expected = probs[sorted(token_set(label, vocab, byte_token=False))].sum()
         np.testing.assert_allclose(arrays["zh/p_correct"][i, -1], expected, rtol=1e-4, atol=1e-7)
@@ -137,42 +138,24 @@ def test_mc_lens_cli(tiny, tiny_dir, tmp_path):
 
 
 def test_mc_cosine_to_itself_is_one(tiny):
-    from jaxlens.mc_lens import MCItem, mc_lens
+    from jaxlens.evaluation import JSONL_TEMPLATE, Item
+    from jaxlens.mc_lens import mc_lens
 
-    items = [MCItem(str(i), "xx", f"Q{i}?", ("a", "b"), 0) for i in range(3)]
-    english = [MCItem(str(i), "en", f"Q{i}?", ("a", "b"), 0) for i in range(3)]
-    out = mc_lens(tiny, {"xx": items}, {"xx": ("en", english)}, progress=False)
+    items = [Item(str(i), "xx", f"Q{i}?", ("a", "b"), 0) for i in range(3)]
+    english = [Item(str(i), "en", f"Q{i}?", ("a", "b"), 0) for i in range(3)]
+    out = mc_lens(tiny, {"xx": items}, {"xx": ("en", english)}, template=JSONL_TEMPLATE, progress=False)
     np.testing.assert_allclose(out["xx"].cos_en, 1.0, atol=1e-5)  # same prompt: same residual
     np.testing.assert_allclose(out["xx"].cos_en_centered, 1.0, atol=1e-4)
     # a different prompt: the cosine of the residuals captured by the plain forward pass
-    from jaxlens.prompts import mc_prompt
-
-    other = [MCItem(str(i), "yy", f"Autre {i}?", ("c", "d"), 1) for i in range(3)]
-    got = mc_lens(tiny, {"yy": other}, {"yy": ("en", english)}, progress=False)["yy"].cos_en
+    other = [Item(str(i), "yy", f"Autre {i}?", ("c", "d"), 1) for i in range(3)]
+    got = mc_lens(tiny, {"yy": other}, {"yy": ("en", english)}, template=JSONL_TEMPLATE, progress=False)["yy"].cos_en
     for i in range(3):
-        resid = [np.asarray(tiny(*tiny.encode([mc_prompt(it.question, it.options)]), capture=("resid_post",))[1]["resid_post"][:, 0, -1], np.float64)
+        resid = [np.asarray(tiny(*tiny.encode([JSONL_TEMPLATE.lettered_text(it)]), capture=("resid_post",))[1]["resid_post"][:, 0, -1], np.float64)
                  for it in (other[i], english[i])]  # [L, D] each
         expected = (resid[0] * resid[1]).sum(-1) / np.linalg.norm(resid[0], axis=-1) / np.linalg.norm(resid[1], axis=-1)
         np.testing.assert_allclose(got[i], expected, rtol=1e-4)
     np.testing.assert_allclose(out["xx"].p_correct, out["en"].p_correct, atol=1e-6)
 
-
-def test_mc_items_errors(tmp_path):
-    from jaxlens.mc_lens import read_jsonl, xcopa_items
-
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": 1, "lang": "en", "question": "q", "options": ["a", "b"], "answer": 2}\n')
-    with pytest.raises(ValueError, match=r":1: answer 2 must be"):
-        read_jsonl(bad)
-    bad.write_text('{"id": 1, "lang": "en", "options": ["a", "b"], "answer": 0}\n')
-    with pytest.raises(ValueError, match="missing key"):
-        read_jsonl(bad)
-    bad.write_text("not json\n")
-    with pytest.raises(ValueError, match="not JSON"):
-        read_jsonl(bad)
-    zh, en = xcopa_items("zh"), xcopa_items("zh", english=True)
-    assert [it.id for it in zh] == [it.id for it in en] and len(zh) == 100 and en[0].lang == "en"
-    assert zh[0].question.endswith("?") and len(zh[0].options) == 2
 
 
 def test_lens_cli_grid(tiny, tiny_dir, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxlens.bootstrap import bootstrap_mean
-from jaxlens.prompts import language_name, mc_prompt, translation_prompt, translation_prompts
+from jaxlens.prompts import language_name, translation_prompt, translation_prompts
 from jaxlens.tokensets import filter_items, padded_ids, to_masks, token_set, vocab_strings
 from jaxlens.wordlists import babel_words, read_csv
 
@@ -180,9 +180,3 @@ def test_translation_prompt_format():
         assert len(set(lines[:-1])) == 4
     with pytest.raises(ValueError, match="too few"):
         translation_prompts(words[:4], "fr", "zh")
-
-
-def test_mc_prompt():
-    assert mc_prompt("Q?", ["x", "y"]) == "Q?\nA. x\nB. y\nAnswer:"
-    with pytest.raises(ValueError, match="options"):
-        mc_prompt("Q?", ["x"])

@@ -8,8 +8,8 @@ from jaxlens.zoo import DEFAULT_MODEL
 
 
 def load_items(args):
-    """-> (by_lang, english) for `mc_lens` from --xcopa or --items."""
-    from jaxlens.mc_lens import read_jsonl, xcopa_items
+    """-> (by_lang, english, template) for `mc_lens` from --xcopa or --items."""
+    from jaxlens import evaluation as ev
 
     def cap(items):
         return items[: args.max_items] if args.max_items else items
@@ -18,31 +18,33 @@ def load_items(args):
         raise ValueError("give exactly one of --xcopa LANGS (e.g. zh,sw,it) or --items FILE.jsonl")
     if args.xcopa:
         langs = [x.strip() for x in args.xcopa.split(",") if x.strip()]
-        by_lang = {lang: cap(xcopa_items(lang, args.split)) for lang in langs}
-        english = {lang: (f"en:{lang}", cap(xcopa_items(lang, args.split, english=True))) for lang in langs}
-        return by_lang, english
+        by_lang = {lang: cap(ev.xcopa_items(lang, args.split)) for lang in langs}
+        english = {lang: (f"en:{lang}", cap(ev.xcopa_items(lang, args.split, english=True))) for lang in langs}
+        return by_lang, english, ev.TEMPLATES["xcopa"]
     by_lang = {}
-    for item in read_jsonl(args.items):
+    for item in ev.load_jsonl(args.items):
         by_lang.setdefault(item.lang, []).append(item)
     by_lang = {lang: cap(items) for lang, items in by_lang.items()}
     english = {lang: ("en", by_lang["en"]) for lang in by_lang if lang != "en"} if "en" in by_lang else {}
     if not english:
         print("note: no 'en' items, so no cosine to English (the shared-space measure)")
-    return by_lang, english
+    return by_lang, english, ev.TEMPLATES["jsonl"]
 
 
 def run(args) -> int:
+    import dataclasses
+
     import numpy as np
 
     import jaxlens
     from jaxlens.figures import layer_curves
     from jaxlens.io import output_dir, write_arrays, write_json
     from jaxlens.mc_lens import mc_lens, summary_rows
-    from jaxlens.prompts import MC_TEMPLATE, mc_prompt
     from jaxlens.report import Section, write_report
 
-    by_lang, english = load_items(args)
-    template = args.template.replace("\\n", "\n") if args.template else MC_TEMPLATE
+    by_lang, english, template = load_items(args)
+    if args.template:
+        template = template.override(args.template)
     print(f"{sum(map(len, by_lang.values()))} items in {', '.join(by_lang)}")
     t0 = time.perf_counter()
     model = jaxlens.load(args.model, dtype=args.dtype)
@@ -51,7 +53,7 @@ def run(args) -> int:
         readings = mc_lens(model, by_lang, english, template=template, batch_size=args.batch_size)
         header, rows = summary_rows(readings, seed=args.seed)
         (tmp / "mc.csv").write_text("\n".join(",".join(map(str, r)) for r in [header, *rows]) + "\n", encoding="utf-8")
-        write_json(tmp / "mc.json", {"model": args.model, "template": template, "per_layer": [dict(zip(header, r)) for r in rows],
+        write_json(tmp / "mc.json", {"model": args.model, "template": dataclasses.asdict(template), "per_layer": [dict(zip(header, r)) for r in rows],
                                      "languages": {k: {"n": len(r.items), "ids": [it.id for it in r.items]} for k, r in readings.items()}})
         arrays = {}
         for name, r in readings.items():
@@ -79,7 +81,7 @@ def run(args) -> int:
                        "raw residuals share a large common direction, so raw cosines sit near 1).",
                        figure="mc_cosine.png")] if with_cos else []),
             Section("Per language and layer", table=(header, rows)),
-            Section("Example prompt", code=mc_prompt(first.question, first.options, template)),
+            Section("Example prompt", code=template.lettered_text(first)),
         ]
         write_report(tmp / "index.html", f"Multiple-choice lens ({args.model})", sections)
     last = [r for r in rows if r[1] == model.config.n_layers - 1]
@@ -96,7 +98,7 @@ def register(sub) -> None:
     p.add_argument("--items", help="JSONL: one {id, lang, question, options, answer} per line; parallel items share ids")
     p.add_argument("--split", default="val", help="XCOPA split: val | test")
     p.add_argument("--max-items", type=int, default=None, help="first N items per language")
-    p.add_argument("--template", help=r"prompt template with {question} and {options} (default: '{question}\n{options}\nAnswer:')")
+    p.add_argument("--template", help="JSON file overriding fields of the prompt template (as `jaxlens eval --template`)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
