@@ -188,17 +188,25 @@ def _hf_model(model):
 JOBS = {f.__name__: f for f in [job_forward_jaxlens, job_forward_transformers, job_load_jaxlens, job_restore_jaxlens, job_load_transformers]}
 
 
-def child(name: str, *args) -> dict:
-    """Run one job in a fresh interpreter; returns its JSON result."""
-    code = (
-        "import json, sys; sys.path.insert(0, %r); import bench_forward as b; "
-        "print('RESULT' + json.dumps(b.JOBS[%r](*json.loads(sys.argv[1]))))" % (str(HERE), name)
-    )
-    run = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
+def run_job(module: str, name: str, *args) -> dict:
+    """Run `JOBS[name](*args)` of benchmarks/<module>.py in a fresh interpreter (so peak RSS is its
+    own) and return its JSON result. The job starts from a script file: nnsight reads traced code
+    back from its source file."""
+    script = HERE / f".job-{module}-{name}.py"
+    script.write_text(f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import {module} as b; "
+                      f"print('RESULT' + json.dumps(b.JOBS[{name!r}](*json.loads(sys.argv[1]))))\n")
+    try:
+        run = subprocess.run([sys.executable, str(script), json.dumps(args)], capture_output=True, text=True)
+    finally:
+        script.unlink(missing_ok=True)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
     if run.returncode != 0 or not lines:
-        raise RuntimeError(f"{name} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
+        raise RuntimeError(f"{module}.{name} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT") :])
+
+
+def child(name: str, *args) -> dict:
+    return run_job("bench_forward", name, *args)
 
 
 def main():

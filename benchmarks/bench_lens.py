@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_forward import _first_call_memory, _hf_model, _timed  # noqa: E402
+from bench_forward import _first_call_memory, _hf_model, _timed, run_job  # noqa: E402
 
 K = 5
 ROW_BLOCK = 2048
@@ -46,7 +45,6 @@ def _tokens(vocab, batch, length):
 def job_fused(model, batch, length, repeats):
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import jaxlens
     from jaxlens.kernels import lens
@@ -123,16 +121,7 @@ JOBS = {f.__name__: f for f in [job_fused, job_naive]}
 
 
 def child(name: str, *args) -> dict:
-    """Run one job in a fresh interpreter; returns its JSON result."""
-    code = (
-        "import json, sys; sys.path.insert(0, %r); import bench_lens as b; "
-        "print('RESULT' + json.dumps(b.JOBS[%r](*json.loads(sys.argv[1]))))" % (str(HERE), name)
-    )
-    run = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
-    if run.returncode != 0 or not lines:
-        raise RuntimeError(f"{name} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT") :])
+    return run_job("bench_lens", name, *args)
 
 
 def mem_available() -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_forward import _hf_model, peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
+from bench_forward import _hf_model, peak_rss_mb, reset_peak_rss, rss_mb, run_job  # noqa: E402
 
 
 def _batches(path):
@@ -139,15 +138,7 @@ JOBS = {f.__name__: f for f in [job_prepare, job_jaxlens, job_torch]}
 
 
 def child(name: str, *args) -> dict:
-    code = (
-        "import json, sys; sys.path.insert(0, %r); import bench_neurons as b; "
-        "print('RESULT' + json.dumps(b.JOBS[%r](*json.loads(sys.argv[1]))))" % (str(HERE), name)
-    )
-    run = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
-    if run.returncode != 0 or not lines:
-        raise RuntimeError(f"{name} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT") :])
+    return run_job("bench_neurons", name, *args)
 
 
 def main():

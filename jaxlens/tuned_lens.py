@@ -135,7 +135,7 @@ def fit_shortcut(params, config: ModelConfig, blocks, ridge: float = 1e-3) -> di
         weights = jnp.asarray(tokens != (config.bos_token_id if config.bos_token_id is not None else -1), jnp.float32)
         a, b = _moments(params, jnp.asarray(tokens), weights, config=config)
         xtx, xty = xtx + np.asarray(a, np.float64), xty + np.asarray(b, np.float64)
-    L, D = config.n_layers, config.d_model
+    D = config.d_model
     reg = ridge * np.trace(xtx, axis1=1, axis2=2)[:, None, None] / (D + 1) * np.eye(D + 1)
     sol = np.linalg.solve(xtx + reg, xty)  # [L, D+1, D]: rows are M^T then b, with M = I + A
     A = sol[:, :D].transpose(0, 2, 1) - np.eye(D)

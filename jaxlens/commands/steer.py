@@ -21,7 +21,6 @@ def _ints(text):
 
 
 def run(args) -> int:
-    import numpy as np
 
     import jaxlens
     from jaxlens import evaluation as ev
