@@ -119,3 +119,27 @@ def _save(fig, path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def heatmaps(path, panels: Sequence[tuple[str, np.ndarray]], *, xlabel: str, ylabel: str, label: str,
+             xticks: Sequence | None = None, yticks: Sequence | None = None, cmap: str = "viridis",
+             vmin: float | None = None, vmax: float | None = None) -> Path:
+    """One heatmap per (title, grid [rows, cols]) side by side with a shared colour bar (row 0 at
+    the bottom): accuracy per (source, target) layer pair, accuracy change per (layer, alpha), ..."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.8 * max(len(panels), 1), 3.5), squeeze=False)
+    image = None
+    for ax, (title, grid) in zip(axes[0], panels):
+        image = ax.imshow(np.asarray(grid, float), origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+        if xticks is not None:
+            ax.set_xticks(range(len(xticks)), [f"{x:g}" if isinstance(x, float) else x for x in xticks])
+        if yticks is not None:
+            ax.set_yticks(range(len(yticks)), yticks)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=label)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

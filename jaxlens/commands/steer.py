@@ -81,28 +81,19 @@ def run(args) -> int:
 
 
 def plot_changes(path, result: dict, layers, alphas) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    langs = list(result["best"])
-    fig, axes = plt.subplots(1, max(len(langs), 1), figsize=(3.6 * max(len(langs), 1), 3.4), squeeze=False)
-    for ax, lang in zip(axes[0], langs):
+    from jaxlens.figures import heatmaps
+
+    panels = []
+    for lang in result["best"]:
         grid = np.full((len(layers), len(alphas)), np.nan)
         for r in result["points"]:
             if r["lang"] == lang:
                 grid[layers.index(r["layer"]), alphas.index(r["alpha"])] = r["accuracy_change"]
-        im = ax.imshow(grid, origin="lower", cmap="RdBu", vmin=-0.2, vmax=0.2, aspect="auto")
-        ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
-        ax.set_yticks(range(len(layers)), layers)
-        ax.set_title(f"{lang} (unsteered {result['unsteered']['accuracy'][lang]:.2f})", fontsize=9)
-        ax.set_xlabel("alpha")
-        ax.set_ylabel("layer")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy change")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        panels.append((f"{lang} (unsteered {result['unsteered']['accuracy'][lang]:.2f})", grid))
+    heatmaps(path, panels, xlabel="alpha", ylabel="layer", label="accuracy change", xticks=list(alphas), yticks=list(layers),
+             cmap="RdBu", vmin=-0.2, vmax=0.2)
 
 
 def register(sub) -> None:

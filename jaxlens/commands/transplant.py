@@ -68,23 +68,11 @@ def run(args) -> int:
 
 
 def plot_heatmaps(path, result: dict) -> None:
-    import matplotlib
+    from jaxlens.figures import heatmaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    langs = list(result)
-    fig, axes = plt.subplots(1, len(langs), figsize=(4 * len(langs), 3.6), squeeze=False)
-    for ax, lang in zip(axes[0], langs):
-        r = result[lang]
-        im = ax.imshow(np.asarray(r["pair_accuracy"], float), origin="lower", cmap="viridis", vmin=0, vmax=1)
-        ax.set_title(f"{lang}: clean {r['clean']:.2f}, upper bound {r['upper_bound']:.2f}", fontsize=9)
-        ax.set_xlabel("target layer j")
-        ax.set_ylabel("source layer i")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels = [(f"{lang}: clean {r['clean']:.2f}, upper bound {r['upper_bound']:.2f}", r["pair_accuracy"])
+              for lang, r in result.items()]
+    heatmaps(path, panels, xlabel="target layer j", ylabel="source layer i", label="accuracy", vmin=0, vmax=1)
 
 
 def register(sub) -> None:
