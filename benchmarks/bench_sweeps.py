@@ -9,13 +9,15 @@ English sources / English-minus-zh steering vectors from the same items), float3
   transplant, every (source i, target j) pair of the model's N layers:
     sweep        `transplant.sweep`: one program per batch; the clean pass once, each pair re-runs
                  only the last prompt token on the shared KV cache (vmapped over pair chunks)
-    loop_tail    the same per-pair passes, one jitted call per pair from Python
-    loop_full    one full jaxlens forward per pair with the transplant (no cache reuse)
+    loop_tail    the same per-pair passes on the same shared cache, one jitted call per pair
+    loop_full    one full jaxlens forward per pair with the transplant (the usual loop)
     nnsight      one nnsight trace per pair on the transformers model (full pass, the usual way)
-  steering, every layer x 4 alphas, added at every prompt position (full passes):
-    sweep        `sweep.run_stack`: the grid vmapped in chunks, one program per batch
-    loop         the same passes, one jitted call per grid point from Python
-    nnsight      one nnsight trace per grid point
+  steering, every layer x 4 alphas:
+    sweep_all    added at every prompt position: the grid vmapped in chunks (full passes)
+    loop_all     the same passes, one jitted call per grid point from Python
+    nnsight      one nnsight trace per grid point (every position)
+    sweep_last   added at the last prompt token only: KV-cache tail, vmapped
+    loop_last    the same tail passes on the same shared cache, one call per point
 
 Loops run `--loop-points` (nnsight: `--nnsight-points`) points and are extrapolated linearly to the full sweep (each point is
 one independent pass); the sweeps run every point. Times exclude compilation (reported apart).
@@ -26,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_forward import run_job  # noqa: E402
+
 ALPHAS = (0.5, 1.0, 2.0, 4.0)
 
 
@@ -80,7 +84,7 @@ def job_jaxlens(model_name, rows, loop_points):
     from jaxlens import transplant as xt
     from jaxlens.evaluation import letter_logprobs
     from jaxlens.models import forward
-    from jaxlens.sweep import run_stack, score_letters
+    from jaxlens.sweep import prefix_cache, run_stack, score_letters
 
     model, batch, source, vector, args, _, _ = setup(model_name, rows)
     params, cfg = model.params, model.config
@@ -105,17 +109,20 @@ def job_jaxlens(model_name, rows, loop_points):
     out["transplant_loop_full_s"] = _best(loop_full, 1) * len(pairs) / len(sub)
 
     points = steer.grid(range(L), ALPHAS)
-    stack = steer.steering_stack(np.broadcast_to(vector, (rows,) + vector.shape), points, jnp.asarray(mask, bool))
-    t0 = time.perf_counter()
-    grid = lambda: jax.block_until_ready(run_stack(params, tokens, mask, stack, args, config=cfg, tail=1, score=score_letters, tail_only=False, chunk=8))  # noqa: E731
-    grid()
-    out["steer_compile_s"] = time.perf_counter() - t0
-    out["steer_points"] = len(points)
-    out["steer_sweep_s"] = _best(grid, 1)
-    one = lambda g: jax.tree.map(lambda a: a[g : g + 1], stack)  # noqa: E731
+    vectors = np.broadcast_to(vector, (rows,) + vector.shape)
     chosen = np.random.default_rng(1).permutation(len(points))[:loop_points]
-    loop = lambda: [jax.block_until_ready(run_stack(params, tokens, mask, one(g), args, config=cfg, tail=1, score=score_letters, tail_only=False, chunk=1)) for g in chosen]  # noqa: E731
-    out["steer_loop_s"] = _best(loop, 1) * len(points) / len(chosen)
+    one = lambda stack, g: jax.tree.map(lambda a: a[g : g + 1], stack)  # noqa: E731
+    out["steer_points"] = len(points)
+    cache = prefix_cache(params, tokens, mask, config=cfg, tail=1)
+    for where, stack, tail_only in (("all", steer.steering_stack(vectors, points, jnp.asarray(mask, bool)), False),
+                                    ("last", steer.steering_stack(vectors, points, jnp.ones((rows, 1), bool)), True)):
+        run = lambda s, chunk: jax.block_until_ready(run_stack(params, tokens, mask, s, args, cache if tail_only else None, config=cfg,  # noqa: E731
+                                                              tail=1, score=score_letters, tail_only=tail_only, chunk=chunk))
+        t0 = time.perf_counter()
+        run(stack, 8)
+        out[f"steer_{where}_compile_s"] = time.perf_counter() - t0
+        out[f"steer_{where}_sweep_s"] = _best(lambda: run(stack, 8), 1)
+        out[f"steer_{where}_loop_s"] = _best(lambda: [run(one(stack, g), 1) for g in chosen], 1) * len(points) / len(chosen)
     return out
 
 
@@ -165,18 +172,8 @@ def job_nnsight(model_name, rows, loop_points):
 JOBS = {f.__name__: f for f in (job_jaxlens, job_nnsight)}
 
 
-def child(name, *args):
-    code = f"import sys, json; sys.path.insert(0, {str(HERE)!r}); import bench_sweeps as b; print('RESULT' + json.dumps(b.JOBS[{name!r}](*{args!r})))"
-    script = HERE / f".{name}.py"  # nnsight reads the traced code back from a file
-    script.write_text(code)
-    try:
-        run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
-    finally:
-        script.unlink()
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
-    if run.returncode or not lines:
-        raise RuntimeError(f"{name} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT") :])
+def child(name: str, *args) -> dict:
+    return run_job("bench_sweeps", name, *args)
 
 
 def main():
@@ -201,9 +198,12 @@ def main():
             "sweep_vs_nnsight": nn["transplant_per_pass_s"] * P / jl["transplant_sweep_s"],
         },
         "steer": {
-            "sweep_s": jl["steer_sweep_s"], "loop_s": jl["steer_loop_s"], "nnsight_s": nn["steer_per_pass_s"] * G,
-            "sweep_vs_loop": jl["steer_loop_s"] / jl["steer_sweep_s"],
-            "sweep_vs_nnsight": nn["steer_per_pass_s"] * G / jl["steer_sweep_s"],
+            "sweep_all_s": jl["steer_all_sweep_s"], "loop_all_s": jl["steer_all_loop_s"], "nnsight_all_s": nn["steer_per_pass_s"] * G,
+            "sweep_vs_loop_all": jl["steer_all_loop_s"] / jl["steer_all_sweep_s"],
+            "sweep_vs_nnsight_all": nn["steer_per_pass_s"] * G / jl["steer_all_sweep_s"],
+            "sweep_last_s": jl["steer_last_sweep_s"], "loop_last_s": jl["steer_last_loop_s"],
+            "sweep_last_vs_loop_last": jl["steer_last_loop_s"] / jl["steer_last_sweep_s"],
+            "sweep_last_vs_loop_all": jl["steer_all_loop_s"] / jl["steer_last_sweep_s"],
         },
     }
     out = HERE / "results" / f"sweeps-{args.model}.json"

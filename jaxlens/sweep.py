@@ -42,14 +42,23 @@ def score_options(logits, args):
     return continuation_logprob(logits, tokens, target)
 
 
+@partial(jax.jit, static_argnames=("config", "tail"))
+def prefix_cache(params, tokens, mask, *, config: ModelConfig, tail: int):
+    """The clean pass's keys/values of all but the last `tail` columns (what `tail_only` reuses)."""
+    T = tokens.shape[1]
+    return forward_cached(params, tokens[:, : T - tail], mask[:, : T - tail], config=config)[2]
+
+
 @partial(jax.jit, static_argnames=("config", "tail", "score", "tail_only", "chunk"))
-def run_stack(params, tokens, mask, stack, score_args, *, config: ModelConfig, tail: int, score: Callable,
+def run_stack(params, tokens, mask, stack, score_args, cache=None, *, config: ModelConfig, tail: int, score: Callable,
               tail_only: bool, chunk: int = 16):
     """score(logits of the last `tail` positions, score_args) for each of the stack's P points:
-    its outputs with a leading [P] axis. tokens, mask [R, T], right-aligned (left padding)."""
+    its outputs with a leading [P] axis. tokens, mask [R, T], right-aligned (left padding).
+    With tail_only, `cache` (`prefix_cache`) may be given, else it is computed here."""
     T = tokens.shape[1]
     if tail_only:
-        _, _, cache = forward_cached(params, tokens[:, : T - tail], mask[:, : T - tail], config=config)
+        if cache is None:
+            cache = prefix_cache(params, tokens, mask, config=config, tail=tail)
 
         def one(intervention):
             logits, _, _ = forward_cached(params, tokens[:, T - tail :], mask[:, T - tail :], config=config, past=cache,

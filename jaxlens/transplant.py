@@ -22,7 +22,7 @@ from jaxlens import interventions as iv
 from jaxlens.config import ModelConfig
 from jaxlens.evaluation import Item, Template
 from jaxlens.states import last_token_states
-from jaxlens.sweep import run_stack, sweep_scores
+from jaxlens.sweep import prefix_cache, run_stack, sweep_scores
 
 SITE = "mlp_out"  # the MLP's output before the residual add
 
@@ -61,10 +61,12 @@ def sweep(params, tokens, mask, source, prompt_last, pairs, score_args=None, *, 
 
 def sweep_loop(params, tokens, mask, source, prompt_last, pairs, score_args=None, *, config: ModelConfig, tail: int,
                score: Callable, site: str = SITE):
-    """`sweep` one pair at a time from Python: the same passes, the baseline the sweep replaces."""
+    """`sweep` one pair at a time from Python, on the same shared prefix cache: the same passes,
+    looped (the baseline that isolates what running them as one program gains)."""
     at = landing(prompt_last, tokens.shape[1], tail)
-    out = [run_stack(params, tokens, mask, pair_stack(source, pair[None], at, site), score_args, config=config, tail=tail,
-                     score=score, tail_only=True, chunk=1) for pair in np.asarray(pairs)]
+    cache = prefix_cache(params, tokens, mask, config=config, tail=tail)
+    out = [run_stack(params, tokens, mask, pair_stack(source, pair[None], at, site), score_args, cache, config=config,
+                     tail=tail, score=score, tail_only=True, chunk=1) for pair in np.asarray(pairs)]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *out)
 
 

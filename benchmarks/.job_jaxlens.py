@@ -1,1 +1,0 @@
-import sys, json; sys.path.insert(0, '/work/main/benchmarks'); import bench_sweeps as b; print('RESULT' + json.dumps(b.JOBS['job_jaxlens'](*('smollm2-135m', 8, 30))))
