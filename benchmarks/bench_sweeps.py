@@ -1,6 +1,7 @@
 """Intervention sweeps as one program vs Python loops: the XTransplant N x N sweep and a steering
 (layer x alpha) grid, jaxlens vs the same passes looped in jaxlens vs nnsight on transformers.
 
+    pip install -e '.[bench]' torch==2.13.0      # nnsight, for the baseline
     python benchmarks/bench_sweeps.py [--model smollm2-135m] [--rows 8] [--loop-points 30]
 
 Same model (the GGUF, dequantized by each side), the same 8 XCOPA zh items (letter scoring,
