@@ -68,10 +68,7 @@ def setup(model_name: str, rows: int):
     source = last_token_states(model, en_texts, site="mlp_out", batch_rows=rows)  # [R, L, D]
     vector = (last_token_states(model, en_texts, batch_rows=rows).mean(0)
               - last_token_states(model, zh_texts, batch_rows=rows).mean(0))  # [L, D]
-    ids = ev.letter_token_ids(model.tokenizer, template, 2)
-    table = np.full((2, max(map(len, ids))), -1, np.int32)
-    for k, group in enumerate(ids):
-        table[k, : len(group)] = group
+    table = ev.letter_table(model.tokenizer, template, 2)
     return model, batch, source, vector, (table, np.full(rows, 2)), en_texts, zh_texts
 
 

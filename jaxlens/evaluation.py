@@ -479,7 +479,6 @@ def score_items(items: Sequence[Item], tokenizer, forward_fn: Callable | None = 
     if not items:
         raise ValueError("no items to score")
     n_opts = max(len(item.options) for item in items)
-    N = len(items)
     config = getattr(model, "config", None)
     pad_id = getattr(config, "pad_token_id", None) or 0
     max_length = getattr(config, "max_positions", None)
@@ -488,24 +487,43 @@ def score_items(items: Sequence[Item], tokenizer, forward_fn: Callable | None = 
         rows = option_rows(items, tokenizer, template)
         fn = forward_fn or model_forward(model)
         values = _run(make_batches(rows, batch_rows, pad_id, max_length), fn, _score_options, "option log-likelihood", progress)
-        scores.ll = _scatter(values, N, n_opts)
-        scores.n_tokens = _scatter([(b, np.asarray(b.target.sum(-1), np.float64)) for b, _ in values], N, n_opts)
-        scores.n_chars = np.full((N, n_opts), np.nan)
-        for i, item in enumerate(items):
-            scores.n_chars[i, : len(item.options)] = [len(o) for o in item.options]
+        set_option_scores(scores, values, items)
     if "letters" in methods:
-        letter_ids = letter_token_ids(tokenizer, template, n_opts)
-        table = np.full((n_opts, max(map(len, letter_ids))), -1, np.int32)
-        for k, ids in enumerate(letter_ids):
-            table[k, : len(ids)] = ids
+        table = letter_table(tokenizer, template, n_opts)
         fn = forward_fn or model_forward(model)
         n_options = np.array([len(item.options) for item in items])
         values = _run(make_batches(letter_rows(items, tokenizer, template), batch_rows, pad_id, max_length), fn,
                       partial(_score_letters, table=table, n_options=n_options), "letter probability", progress)
-        scores.letter = _scatter([(b, v[0]) for b, v in values], N, n_opts, per_option=True)
-        scores.letter_mass = _scatter([(b, v[1]) for b, v in values], N, None)
-        scores.letter = np.where(np.isfinite(scores.letter), scores.letter, np.nan)  # letters past an item's options
+        set_letter_scores(scores, values, items)
     return scores
+
+
+def letter_table(tokenizer, template: Template, n_letters: int) -> np.ndarray:
+    """`letter_token_ids` as an array [n_letters, most spellings] int32, -1 padded (what
+    `letter_logprobs` takes)."""
+    ids = letter_token_ids(tokenizer, template, n_letters)
+    table = np.full((n_letters, max(map(len, ids))), -1, np.int32)
+    for k, group in enumerate(ids):
+        table[k, : len(group)] = group
+    return table
+
+
+def set_option_scores(scores: Scores, values, items: Sequence[Item]) -> None:
+    """Fill ll / n_tokens / n_chars from per-batch option-row values [(batch, [..., R])]."""
+    N, n_opts = len(items), max(len(item.options) for item in items)
+    scores.ll = scatter_rows(values, N, n_opts)
+    scores.n_tokens = scatter_rows([(b, np.asarray(b.target.sum(-1), np.float64)) for b, _ in values], N, n_opts)
+    scores.n_chars = np.full((N, n_opts), np.nan)
+    for i, item in enumerate(items):
+        scores.n_chars[i, : len(item.options)] = [len(o) for o in item.options]
+
+
+def set_letter_scores(scores: Scores, values, items: Sequence[Item]) -> None:
+    """Fill letter / letter_mass from per-batch letter-row values [(batch, ([..., R, n], [..., R]))]."""
+    N, n_opts = len(items), max(len(item.options) for item in items)
+    letter = scatter_rows([(b, v[0]) for b, v in values], N, n_opts, per_option=True)
+    scores.letter = np.where(np.isfinite(letter), letter, np.nan)  # letters past an item's options
+    scores.letter_mass = scatter_rows([(b, v[1]) for b, v in values], N, None)
 
 
 def _score_options(batch: Batch, logits):
@@ -553,7 +571,7 @@ def _run(batches: list[Batch], forward_fn, score_fn, label: str, progress: bool)
     return out
 
 
-def _scatter(values, N: int, n_opts: int | None, per_option: bool = False):
+def scatter_rows(values, N: int, n_opts: int | None, per_option: bool = False):
     """Row values [..., R] (or [..., R, n_letters] when per_option) back to [..., N, O] (or [..., N])."""
     lead = np.shape(values[0][1])[: -2 if per_option else -1]
     out = np.full(lead + ((N,) if n_opts is None else (N, n_opts)), np.nan)

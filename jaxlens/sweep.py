@@ -24,8 +24,8 @@ import numpy as np
 
 from jaxlens.config import ModelConfig
 from jaxlens.evaluation import (
-    Batch, Item, Scores, Template, continuation_logprob, letter_logprobs, letter_rows, letter_token_ids, make_batches,
-    option_rows, _scatter,
+    Batch, Item, Scores, Template, continuation_logprob, letter_logprobs, letter_rows, letter_table, make_batches,
+    option_rows, set_letter_scores, set_option_scores,
 )
 from jaxlens.models import forward, forward_cached, unembed
 
@@ -95,10 +95,7 @@ def sweep_scores(model, items: Sequence[Item], template: Template, build: Callab
     scores = Scores()
     for method in methods:
         if method == "letters":
-            ids = letter_token_ids(tokenizer, template, n_opts)
-            table = np.full((n_opts, max(map(len, ids))), -1, np.int32)
-            for k, group in enumerate(ids):
-                table[k, : len(group)] = group
+            table = letter_table(tokenizer, template, n_opts)
             n_options = np.array([len(item.options) for item in items])
             rows = letter_rows(items, tokenizer, template)
         elif method == "options":
@@ -118,13 +115,7 @@ def sweep_scores(model, items: Sequence[Item], template: Template, build: Callab
                             score=score, tail_only=tail_only, chunk=chunk)
             values.append((batch, jax.tree.map(np.asarray, out)))
         if method == "letters":
-            scores.letter = _scatter([(b, v[0]) for b, v in values], len(items), n_opts, per_option=True)
-            scores.letter = np.where(np.isfinite(scores.letter), scores.letter, np.nan)
-            scores.letter_mass = _scatter([(b, v[1]) for b, v in values], len(items), None)
+            set_letter_scores(scores, values, items)
         else:
-            scores.ll = _scatter(values, len(items), n_opts)
-            scores.n_tokens = _scatter([(b, np.asarray(b.target.sum(-1), np.float64)) for b, _ in values], len(items), n_opts)
-            scores.n_chars = np.full((len(items), n_opts), np.nan)
-            for i, item in enumerate(items):
-                scores.n_chars[i, : len(item.options)] = [len(o) for o in item.options]
+            set_option_scores(scores, values, items)
     return scores
