@@ -111,3 +111,16 @@ def tiny(tiny_checkpoint, tmp_path_factory):
     return jaxlens.load(str(directory)), tokenizer, directory
 
 
+
+
+def parallel_items():
+    """Two English multiple-choice items and their parallel "xx" items (same ids): what steering
+    and transplant tests run on the tiny model."""
+    from jaxlens.evaluation import Item
+
+    return [
+        Item("1", "en", "The man.", ("Water.", "The toilet."), 1, "effect"),
+        Item("2", "en", "She lost.", ("Milk.", "Tap."), 0, "cause"),
+        Item("1", "xx", "A man.", ("Milk.", "The tap."), 1, "effect"),
+        Item("2", "xx", "He poured.", ("Water.", "A toilet."), 0, "cause"),
+    ]

@@ -8,18 +8,14 @@ import json
 import numpy as np
 import pytest
 
+from conftest import parallel_items
 from jaxlens import evaluation as ev
 from jaxlens import interventions as iv
 from jaxlens import steer
 from jaxlens.models import forward
 from jaxlens.states import last_token_states
 
-ITEMS = [
-    ev.Item("1", "en", "The man.", ("Water.", "The toilet."), 1, "effect"),
-    ev.Item("2", "en", "She lost.", ("Milk.", "Tap."), 0, "cause"),
-    ev.Item("1", "xx", "A man.", ("Milk.", "The tap."), 1, "effect"),
-    ev.Item("2", "xx", "He poured.", ("Water.", "A toilet."), 0, "cause"),
-]
+ITEMS = parallel_items()
 
 def test_language_vectors_are_the_mean_difference(tiny):
     model, _, _ = tiny

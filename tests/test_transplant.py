@@ -74,14 +74,10 @@ def test_a_pass_transplanted_into_itself_at_the_same_layer_changes_nothing(setup
 
 # ---- items: scores per pair against the evaluation harness with the transplant in a full pass ----
 
+from conftest import parallel_items  # noqa: E402
 from jaxlens import evaluation as ev  # noqa: E402
 
-PARALLEL = [
-    ev.Item("1", "en", "The man.", ("Water.", "The toilet."), 1, "effect"),
-    ev.Item("2", "en", "She lost.", ("Milk.", "Tap."), 0, "cause"),
-    ev.Item("1", "xx", "A man.", ("Milk.", "The tap."), 1, "effect"),
-    ev.Item("2", "xx", "He poured.", ("Water.", "A toilet."), 0, "cause"),
-]
+PARALLEL = parallel_items()
 
 def test_item_scores_equal_the_harness_with_a_full_pass_transplant(tiny):
     model, _, _ = tiny

@@ -6,7 +6,7 @@ query_key_value fuses q, k, v per head: its rows are [N, 3, H] (each head's q, k
 
 from jaxlens.config import ConfigError
 from jaxlens.converters.families import Family, TensorRule
-from jaxlens.converters.families.decoder import base_config, from_heads, fused_qkv, layer_norm, require, same, transpose
+from jaxlens.converters.families.decoder import base_config, from_heads, fused_qkv, layer_norm, plain_mlp, require, same, transpose
 
 NAMES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "rms_norm_eps": "layer_norm_epsilon"}
 
@@ -47,10 +47,7 @@ def tensors(cfg):
         *layer_norm(layer + "post_attention_layernorm", ("layers", "mlp_norm")),
         TensorRule(layer + "self_attention.dense.weight", ("layers", "attn", "o", "kernel"), from_heads),
         TensorRule(layer + "self_attention.dense.bias", ("layers", "attn", "o", "bias"), same),
-        TensorRule(layer + "mlp.dense_h_to_4h.weight", ("layers", "mlp", "up", "kernel"), transpose),
-        TensorRule(layer + "mlp.dense_h_to_4h.bias", ("layers", "mlp", "up", "bias"), same),
-        TensorRule(layer + "mlp.dense_4h_to_h.weight", ("layers", "mlp", "down", "kernel"), transpose),
-        TensorRule(layer + "mlp.dense_4h_to_h.bias", ("layers", "mlp", "down", "bias"), same),
+        *plain_mlp(layer + "mlp"),
     ]
     for part in "qkv":
         split = fused_qkv(part, per_head=True)

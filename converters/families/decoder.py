@@ -224,6 +224,16 @@ def layer_norm(hf: str, path: tuple[str, ...]) -> list[TensorRule]:
     return [TensorRule(f"{hf}.weight", (*path, "scale"), same), TensorRule(f"{hf}.bias", (*path, "bias"), same)]
 
 
+def plain_mlp(prefix: str, up: str = "dense_h_to_4h", down: str = "dense_4h_to_h") -> list[TensorRule]:
+    """An ungated MLP with biases stored as nn.Linear ([out, in]): `prefix`.{up,down}.{weight,bias}."""
+    return [
+        TensorRule(f"{prefix}.{up}.weight", ("layers", "mlp", "up", "kernel"), transpose),
+        TensorRule(f"{prefix}.{up}.bias", ("layers", "mlp", "up", "bias"), same),
+        TensorRule(f"{prefix}.{down}.weight", ("layers", "mlp", "down", "kernel"), transpose),
+        TensorRule(f"{prefix}.{down}.bias", ("layers", "mlp", "down", "bias"), same),
+    ]
+
+
 def rotary_dim(hf: dict, head_dim: int, default: float = 1.0) -> int | None:
     """Partial rotary: how many dims of each head rope rotates (None = all), from v5's
     rope_parameters.partial_rotary_factor or v4's partial_rotary_factor / rotary_pct."""

@@ -5,7 +5,7 @@ query_key_value fuses q, k, v per head: its rows are [N, 3, H] (each head's q, k
 
 from jaxlens.converters.families import Family, TensorRule
 from jaxlens.converters.families.decoder import (
-    base_config, from_heads, fused_qkv, layer_norm, require, rope_from_hf, rotary_dim, same, transpose,
+    base_config, from_heads, fused_qkv, layer_norm, plain_mlp, require, rope_from_hf, rotary_dim, same, transpose,
 )
 
 
@@ -40,10 +40,7 @@ def tensors(cfg):
         *layer_norm(layer + "input_layernorm", ("layers", "attn_norm")),
         *layer_norm(layer + "post_attention_layernorm", ("layers", "mlp_norm")),
         TensorRule(layer + "attention.dense.weight", ("layers", "attn", "o", "kernel"), from_heads),
-        TensorRule(layer + "mlp.dense_h_to_4h.weight", ("layers", "mlp", "up", "kernel"), transpose),
-        TensorRule(layer + "mlp.dense_h_to_4h.bias", ("layers", "mlp", "up", "bias"), same),
-        TensorRule(layer + "mlp.dense_4h_to_h.weight", ("layers", "mlp", "down", "kernel"), transpose),
-        TensorRule(layer + "mlp.dense_4h_to_h.bias", ("layers", "mlp", "down", "bias"), same),
+        *plain_mlp(layer + "mlp"),
     ]
     for part in "qkv":
         split = fused_qkv(part, per_head=True)
