@@ -17,6 +17,7 @@ from jaxlens.states import last_token_states
 
 ITEMS = parallel_items()
 
+
 def test_language_vectors_are_the_mean_difference(tiny):
     model, _, _ = tiny
     template = ev.XCOPA_TEMPLATE

@@ -79,6 +79,7 @@ from jaxlens import evaluation as ev  # noqa: E402
 
 PARALLEL = parallel_items()
 
+
 def test_item_scores_equal_the_harness_with_a_full_pass_transplant(tiny):
     model, _, _ = tiny
     template = ev.XCOPA_TEMPLATE
