@@ -52,7 +52,8 @@ def _shared_inputs(cfg: ModelConfig, attention_mask, interventions=None, reducer
     k_idx = jnp.arange(S)[None, :]
     causal = (k_idx <= q_idx)[None] & full[:, None, :]  # [B,T,S]
     window = cfg.sliding_window if cfg.sliding_window is not None else S + 1
-    local = causal & (q_idx - k_idx < window)[None]
+    # Windows by position, not column: a generation cache has empty slots between its tokens.
+    local = causal & (positions[:, :, None] - key_positions[:, None, :] < window)
     expand = lambda m: m[:, None, None]  # [B,1,1,T,S] broadcast over kv heads and groups  # noqa: E731
     return {
         "positions": positions,  # [B,T] (learned position embeddings)

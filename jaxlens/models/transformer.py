@@ -167,7 +167,7 @@ class Attention(nn.Module):
             slopes = jnp.asarray(alibi_slopes(c.n_heads)).reshape(c.n_kv_heads, G)
             scores = scores + slopes[None, :, :, None, None] * key_positions[:, None, None, None, :].astype(jnp.float32)
         scores = softcap(scores, c.attn_softcap)
-        scores = jnp.where(mask, scores, _MASKED)
+        scores = scores + jnp.where(mask, 0.0, _MASKED)  # added, not selected: XLA fuses it into the softmax
         probs = jax.nn.softmax(scores, axis=-1)
         sow(self, "attn_probs", probs.reshape(B, c.n_heads, T, -1))
         ctx = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)  # [B,T,K,G,H]
