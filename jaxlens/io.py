@@ -15,14 +15,23 @@ from typing import Iterator
 import numpy as np
 
 
-def write_json(path, obj) -> Path:
-    """JSON (UTF-8, non-ASCII kept) written to a sibling and renamed into place."""
+def _write_text(path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def write_json(path, obj) -> Path:
+    """JSON (UTF-8, non-ASCII kept) written to a sibling and renamed into place."""
+    return _write_text(path, json.dumps(obj, ensure_ascii=False, indent=1))
+
+
+def write_jsonl(path, rows) -> Path:
+    """One JSON object per line (UTF-8, non-ASCII kept), written to a sibling and renamed into place."""
+    return _write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_arrays(path, **arrays) -> Path:

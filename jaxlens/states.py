@@ -29,12 +29,18 @@ def last_token_states(model, texts: Sequence[str], *, site: str = "resid_post", 
         raise ValueError("no texts to read states from")
     out = []
     for start in range(0, len(texts), batch_rows):
-        ids = [model.tokenizer.encode(t, add_special_tokens=True) for t in texts[start : start + batch_rows]]
-        T = max(map(len, ids))
-        tokens = np.zeros((batch_rows, T), np.int32)
-        mask = np.zeros((batch_rows, T), np.int32)
-        mask[:, -1] = 1
-        for r, seq in enumerate(ids):
-            tokens[r, T - len(seq) :], mask[r, T - len(seq) :] = seq, 1
-        out.append(np.asarray(last_states(model.params, tokens, mask, config=model.config, site=site))[: len(ids)])
+        chunk = texts[start : start + batch_rows]
+        tokens, mask = left_padded(model, chunk, batch_rows)
+        out.append(np.asarray(last_states(model.params, tokens, mask, config=model.config, site=site))[: len(chunk)])
     return np.concatenate(out)
+
+
+def left_padded(model, texts: Sequence[str], rows: int):
+    """(tokens, mask) [rows, T] int32: `model.encode` (left padding to the longest), plus one-token
+    padding rows up to `rows`, so every batch has the same number of rows."""
+    tokens, mask = model.encode(list(texts))
+    extra = rows - len(tokens)
+    tokens = np.concatenate([tokens, np.zeros((extra, tokens.shape[1]), np.int32)])
+    mask = np.concatenate([mask, np.zeros((extra, mask.shape[1]), mask.dtype)])
+    mask[:, -1] = 1
+    return tokens.astype(np.int32), mask.astype(np.int32)

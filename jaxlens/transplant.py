@@ -73,11 +73,11 @@ def sweep_loop(params, tokens, mask, source, prompt_last, pairs, score_args=None
 # ---- items: sources from the parallel English prompts, scores per pair, the paper's analyses ----
 
 
-def transplant_scores(model, items: Sequence[Item], template: Template, pairs=None, *, source_lang: str = "en",
-                      method: str = "letters", batch_rows: int = 8, chunk: int = 16, progress: bool = True,
-                      site: str = SITE):
-    """(targets, Scores [P, N, O], pairs): every target item (lang != source_lang) scored under each
-    pair, the source being its parallel source-language item (same id) at its last prompt token."""
+def source_table(model, items: Sequence[Item], text: Callable[[Item], str], *, source_lang: str = "en",
+                 batch_rows: int = 8, site: str = SITE):
+    """(targets, table [S, L, D], row_of [N]): the items not in `source_lang`, and the site's value at
+    the last prompt token of their parallel source-language items (same id): targets[n]'s source
+    states are table[row_of[n]]."""
     sources = {item.id: item for item in items if item.lang == source_lang}
     targets = [item for item in items if item.lang != source_lang]
     missing = sorted({t.id for t in targets if t.id not in sources})
@@ -85,11 +85,23 @@ def transplant_scores(model, items: Sequence[Item], template: Template, pairs=No
         raise ValueError(f"{len(missing)} target item(s) have no parallel {source_lang!r} item (same id), e.g. {missing[:3]}")
     if not targets:
         raise ValueError(f"no target items: every item is in the source language {source_lang!r}")
-    pairs = all_pairs(model.config.n_layers) if pairs is None else np.asarray(pairs, np.int32)
-    text = template.lettered_text if method == "letters" else template.context_text
     order = sorted(sources)
     table = last_token_states(model, [text(sources[i]) for i in order], site=site, batch_rows=batch_rows)  # [S, L, D]
-    row_of = np.array([order.index(t.id) for t in targets])
+    return targets, table, np.array([order.index(t.id) for t in targets])
+
+
+def _prompt_text(template: Template, method: str) -> Callable[[Item], str]:
+    return template.lettered_text if method == "letters" else template.context_text
+
+
+def transplant_scores(model, items: Sequence[Item], template: Template, pairs=None, *, source_lang: str = "en",
+                      method: str = "letters", batch_rows: int = 8, chunk: int = 16, progress: bool = True,
+                      site: str = SITE):
+    """(targets, Scores [P, N, O], pairs): every target item (lang != source_lang) scored under each
+    pair, the source being its parallel source-language item (same id) at its last prompt token."""
+    targets, table, row_of = source_table(model, items, _prompt_text(template, method), source_lang=source_lang,
+                                          batch_rows=batch_rows, site=site)
+    pairs = all_pairs(model.config.n_layers) if pairs is None else np.asarray(pairs, np.int32)
 
     def build(batch, tail):
         source = jnp.asarray(table[row_of[np.maximum(batch.item, 0)]])  # padding rows: any source, unscored
@@ -98,6 +110,26 @@ def transplant_scores(model, items: Sequence[Item], template: Template, pairs=No
     scores = sweep_scores(model, targets, template, build, methods=(method,), tail_only=True, batch_rows=batch_rows,
                           chunk=chunk, progress=progress)
     return targets, scores, pairs
+
+
+def transplant_generate(model, items: Sequence[Item], template: Template, pair: tuple[int, int] | None, *,
+                        source_lang: str = "en", method: str = "letters", max_new_tokens: int = 16,
+                        batch_rows: int = 8, site: str = SITE) -> tuple[list[Item], list[str]]:
+    """(targets, greedy continuations of their prompts): with the parallel source item's MLP output of
+    layer i at its last prompt token in place of layer j's at the target's last prompt token, in the
+    prefill only (METHODS.md §4); pair None: the clean continuations."""
+    from jaxlens.generate import generate_text
+
+    text = _prompt_text(template, method)
+    targets, table, row_of = source_table(model, items, text, source_lang=source_lang, batch_rows=batch_rows, site=site)
+
+    def transplant(tokens, mask, rows):
+        source = np.zeros((len(tokens), *table.shape[2:]), table.dtype)
+        source[: len(rows)] = table[row_of[rows], pair[0]]
+        return iv.transplant(site, source, pair[1], iv.last_token(mask))
+
+    return targets, generate_text(model, [text(t) for t in targets], max_new_tokens=max_new_tokens,
+                                  batch_rows=batch_rows, interventions=None if pair is None else transplant)
 
 
 def best_pair(accuracy, pairs, target_layer: int | None = None) -> tuple[int, int]:

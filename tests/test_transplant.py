@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +115,32 @@ def test_analyse_upper_bound_unions_and_offline_pair():
     assert r["offline"]["best_pair_into_layer_0"]["pair"] == [0, 0]
     assert xt.best_pair([0.5, 0.5, 0.9, 0.5], pairs, target_layer=1) == (1, 1)  # ties at j=1: largest i
 
+def test_generation_after_a_transplant_equals_full_passes(tiny):
+    """Greedy continuations with the transplant in the prefill equal decoding by full passes that
+    apply it at the prompt's last token each step (no cache, no `generate`)."""
+    model, tokenizer, _ = tiny
+    # Weights x3: the random-init tiny model's greedy tokens ignore a transplant at its init scale.
+    model = dataclasses.replace(model, params=jax.tree.map(lambda p: 3 * p, model.params))
+    template, (i, j), n_new = ev.XCOPA_TEMPLATE, (2, 0), 4
+    targets, texts = xt.transplant_generate(model, PARALLEL, template, (i, j), max_new_tokens=n_new, batch_rows=4)
+    english = {e.id: e for e in PARALLEL if e.lang == "en"}
+    for target, text in zip(targets, texts):
+        source = last_token_states(model, [template.lettered_text(english[target.id])], site="mlp_out")[:, i]  # [1, D]
+        ids = tokenizer.encode(template.lettered_text(target))
+        last, new = len(ids) - 1, []
+        for _ in range(n_new):
+            graft = iv.transplant("mlp_out", source, j, iv.at_positions(np.array([last]), len(ids)))
+            logits, _ = forward(model.params, np.array([ids], np.int32), config=model.config, interventions=graft)
+            new.append(int(np.argmax(logits[0, -1])))
+            ids.append(new[-1])
+            if new[-1] == tokenizer.eos_token_id:
+                break
+        assert text == tokenizer.decode(new, skip_special_tokens=True)
+    _, clean = xt.transplant_generate(model, PARALLEL, template, None, max_new_tokens=n_new)
+    assert len(clean) == len(texts) and all(isinstance(t, str) for t in clean)
+    assert clean != texts  # the transplant changed what was generated, so the comparison above has teeth
+
+
 def test_transplant_needs_parallel_sources(tiny):
     model, _, _ = tiny
     with pytest.raises(ValueError, match="no parallel 'en' item"):
@@ -130,8 +158,13 @@ def test_cli_end_to_end(tiny, tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "transplant"
     assert main(["transplant", "--model", str(directory), "--data", str(data), "--langs", "xx", "--pilot", "2",
-                 "--out", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"summary.json", "pairs.npz", "heatmaps.png", "index.html"}
+                 "--generate", "3", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"summary.json", "pairs.npz", "heatmaps.png", "index.html", "generations.jsonl"}
+    generated = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [g["id"] for g in generated] == ["0", "1", "2", "3"] and all(set(g) >= {"clean", "transplanted", "pair"} for g in generated)
+    with pytest.raises(SystemExit, match="--pair must be two layer indices"):
+        main(["transplant", "--model", str(directory), "--data", str(data), "--langs", "xx", "--pair", "0,99",
+              "--generate", "2", "--out", str(tmp_path / "bad")])
     summary = json.loads((out / "summary.json").read_text())
     L = summary["n_layers"]
     assert len(summary["languages"]["xx"]["pair_accuracy"]) == L and "offline" in summary["languages"]["xx"]

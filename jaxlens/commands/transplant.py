@@ -22,7 +22,7 @@ def run(args) -> int:
     import jaxlens
     from jaxlens import evaluation as ev
     from jaxlens import transplant as xt
-    from jaxlens.io import output_dir, write_arrays, write_json
+    from jaxlens.io import output_dir, write_arrays, write_json, write_jsonl
     from jaxlens.report import Section, write_report
 
     langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
@@ -33,6 +33,7 @@ def run(args) -> int:
         items = [i for i in items if i.lang in set(langs) | {"en"}]
     model = jaxlens.load(args.model, dtype=args.dtype)
     L = model.config.n_layers
+    given = parse_pair(args.pair, L)
     t0 = time.perf_counter()
     targets, scores, pairs = xt.transplant_scores(model, items, template, method=args.method, batch_rows=args.batch_rows)
     seconds = time.perf_counter() - t0
@@ -50,6 +51,8 @@ def run(args) -> int:
     table = "\n".join(lines)
     print(table)
 
+    generations = generate_after(model, items, template, result, args, given) if args.generate else None
+
     with output_dir(args.out, overwrite=args.overwrite) as out:
         write_json(out / "summary.json", {"model": args.model, "data": args.data, "method": args.method,
                                           "limit": args.limit, "n_layers": L, "seconds": round(seconds, 1),
@@ -58,13 +61,56 @@ def run(args) -> int:
                      ids=np.array([t.id for t in targets]), langs=np.array([t.lang for t in targets]),
                      answers=np.array([t.answer for t in targets]))
         plot_heatmaps(out / "heatmaps.png", result)
+        if generations is not None:
+            write_jsonl(out / "generations.jsonl", generations)
         write_report(out / "index.html", f"XTransplant: {args.model}", [
             Section("Summary", text=f"{len(pairs)} (source, target) layer pairs, English source, {args.method} scoring.",
                     code=table),
             Section("Accuracy of every pair", text="Rows: source layer i; columns: target layer j.", figure="heatmaps.png"),
         ])
-    print(f"wrote {args.out}/ (summary.json, pairs.npz, heatmaps.png, index.html)")
+    print(f"wrote {args.out}/ (summary.json, pairs.npz, heatmaps.png, index.html"
+          f"{', generations.jsonl' if generations is not None else ''})")
     return 0
+
+
+def parse_pair(text: str | None, n_layers: int) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        pair = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        pair = ()
+    if len(pair) != 2 or not all(0 <= x < n_layers for x in pair):
+        raise SystemExit(f"--pair must be two layer indices I,J in 0..{n_layers - 1}, got {text!r}")
+    return pair
+
+
+def generate_after(model, items, template, result: dict, args, given: tuple[int, int] | None) -> list[dict]:
+    """Greedy continuations of every target prompt, clean and with the transplant: `--pair I,J`, or
+    else each language's offline best pair. Prints, per language, how often the first letter generated
+    is the answer (letters method)."""
+    import numpy as np
+
+    from jaxlens import transplant as xt
+    from jaxlens.evaluation import LETTERS
+
+    rows = []
+    for lang, r in result.items():
+        if given is None and "offline" not in r:
+            raise SystemExit(f"--generate: no pair for {lang}: give --pair I,J, or enough items for a pilot split")
+        pair = given or tuple(r["offline"]["best_pair"]["pair"])
+        lang_items = [i for i in items if i.lang in (lang, "en")]
+        kw = {"method": args.method, "max_new_tokens": args.generate, "batch_rows": args.batch_rows}
+        tgt, clean = xt.transplant_generate(model, lang_items, template, None, **kw)
+        _, moved = xt.transplant_generate(model, lang_items, template, pair, **kw)
+        first = lambda text: text.strip()[:1].upper()  # noqa: E731
+        rows += [{"id": t.id, "lang": lang, "pair": list(pair), "answer": LETTERS[t.answer], "clean": c, "transplanted": m}
+                 for t, c, m in zip(tgt, clean, moved)]
+        if args.method == "letters":
+            hit = lambda texts: np.mean([first(x) == LETTERS[t.answer] for t, x in zip(tgt, texts)])  # noqa: E731
+            print(f"{lang}: generated answer letter correct: clean {hit(clean):.2f}, pair {pair} {hit(moved):.2f} "
+                  f"({len(tgt)} items, {args.generate} new tokens)")
+    return rows
 
 
 def plot_heatmaps(path, result: dict) -> None:
@@ -83,6 +129,11 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=40, help="items per language")
     p.add_argument("--method", choices=("letters", "options"), default="letters")
     p.add_argument("--pilot", type=int, default=50, help="items per language to pick the offline best pair on")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also generate N tokens greedily after each target prompt, clean and transplanted "
+                        "(into generations.jsonl)")
+    p.add_argument("--pair", help="I,J: the (source, target) layer pair to generate with "
+                                  "(default: each language's offline best pair)")
     p.add_argument("--batch-rows", type=int, default=8)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", required=True)

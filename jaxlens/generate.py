@@ -1,0 +1,86 @@
+"""Greedy generation on the KV cache, with interventions in the prefill.
+
+XTransplant (METHODS.md §4) changes the prompt's pass only: "in the prefill only (later tokens
+see it through the cache)". So `generate` runs the prompt once with the interventions
+(`forward_cached`), then decodes one token per step on the cache with none. The whole loop is one
+jitted program (`lax.scan` over steps): the cache is allocated once at prompt + new length, each
+step writes its token's keys/values into the next slot, and empty slots are masked. Positions
+count real tokens, so left- or right-padded prompt batches both work. `jax.vmap` over a stacked
+intervention (`interventions.stack`) generates under every point of a sweep in one program.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlens import interventions as iv
+from jaxlens.config import ModelConfig
+from jaxlens.models import KVCache, forward_cached
+from jaxlens.states import left_padded
+
+
+def generate(params, tokens, mask=None, *, config: ModelConfig, max_new_tokens: int, interventions=None,
+             eos_ids: Sequence[int] = ()):
+    """Greedy continuation of each prompt row: (new tokens [B, N] int32, lengths [B]).
+
+    tokens, mask [B, T]: prompts, left or right padded. A row stops at its first token in `eos_ids`
+    (counted in its length); its later entries are that eos token again. Interventions act on the
+    prompt's pass only."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if tokens.shape[1] + max_new_tokens > config.max_positions:
+        raise ValueError(f"prompt length {tokens.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"max_positions={config.max_positions}; shorten the prompt or generate fewer tokens")
+    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    return _generate(params, tokens, mask, interventions, eos, config, max_new_tokens)
+
+
+@partial(jax.jit, static_argnums=(5, 6))
+def _generate(params, tokens, mask, interventions, eos, config: ModelConfig, max_new_tokens: int):
+    B, T = tokens.shape
+    logits, _, cache = forward_cached(params, tokens, mask, config=config, interventions=interventions)
+    first = jnp.argmax(logits[jnp.arange(B), iv.last_index(mask)], axis=-1).astype(jnp.int32)
+    steps = max_new_tokens - 1  # the last new token is never fed back
+    grow = lambda a: jnp.pad(a, [(0, 0)] * 2 + [(0, steps)] + [(0, 0)] * (a.ndim - 3))  # noqa: E731
+    cache = KVCache(grow(cache.k), grow(cache.v), jnp.pad(cache.mask, ((0, 0), (0, steps))))
+    one = jnp.ones((B, 1), jnp.int32)
+
+    def step(carry, slot):
+        cache, token, done = carry
+        logits, _, new = forward_cached(params, token[:, None], one, config=config, past=cache)
+        put = lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n[:, :, -1:], slot, axis=2)  # noqa: E731
+        cache = KVCache(put(cache.k, new.k), put(cache.v, new.v), cache.mask.at[:, slot].set(1))
+        done = done | jnp.isin(token, eos)
+        nxt = jnp.where(done, token, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32))
+        return (cache, nxt, done), nxt
+
+    start = (cache, first, jnp.zeros((B,), bool))
+    _, rest = jax.lax.scan(step, start, T + jnp.arange(steps))
+    new_tokens = jnp.concatenate([first[:, None], rest.T], axis=1)  # [B, N]
+    is_eos = jnp.isin(new_tokens, eos)
+    lengths = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, max_new_tokens)
+    return new_tokens, lengths
+
+
+def generate_text(model, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_rows: int = 8,
+                  interventions=None) -> list[str]:
+    """Greedy continuations of the prompts (text), in fixed-size batches. `interventions` is None or a
+    function (tokens, mask, rows) -> interventions for that batch (rows: the prompts' indices)."""
+    eos = [t for t in np.atleast_1d(model.tokenizer.eos_token_id or []) if t is not None]
+    out = []
+    for start in range(0, len(prompts), batch_rows):
+        rows = np.arange(start, min(start + batch_rows, len(prompts)))
+        tokens, mask = left_padded(model, [prompts[r] for r in rows], batch_rows)
+        made = None if interventions is None else interventions(tokens, mask, rows)
+        new, lengths = generate(model.params, tokens, mask, config=model.config, max_new_tokens=max_new_tokens,
+                                interventions=made, eos_ids=eos)
+        new, lengths = np.asarray(new), np.asarray(lengths)
+        out += [model.tokenizer.decode(new[r, : lengths[r]], skip_special_tokens=True) for r in range(len(rows))]
+    return out
