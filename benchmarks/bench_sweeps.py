@@ -117,9 +117,9 @@ def job_jaxlens(model_name, rows, loop_points):
         run = lambda s, chunk: jax.block_until_ready(run_stack(params, tokens, mask, s, args, cache if tail_only else None, config=cfg,  # noqa: E731
                                                               tail=1, score=score_letters, tail_only=tail_only, chunk=chunk))
         t0 = time.perf_counter()
-        run(stack, 8)
+        run(stack, None)  # chunk: sweep.auto_chunk (8 points for full passes, up to 32 for a one-token tail)
         out[f"steer_{where}_compile_s"] = time.perf_counter() - t0
-        out[f"steer_{where}_sweep_s"] = _best(lambda: run(stack, 8), 1)
+        out[f"steer_{where}_sweep_s"] = _best(lambda: run(stack, None), 1)
         out[f"steer_{where}_loop_s"] = _best(lambda: [run(one(stack, g), 1) for g in chosen], 1) * len(points) / len(chosen)
     return out
 

@@ -65,7 +65,7 @@ def steering_stack(vectors, points, positions=None, site: str = SITE):
 
 
 def steer_scores(model, items: Sequence[Item], template: Template, vectors: dict[str, np.ndarray], points, *,
-                 positions: str = "all", method: str = "letters", batch_rows: int = 8, chunk: int = 8,
+                 positions: str = "all", method: str = "letters", batch_rows: int = 8, chunk: int | None = None,
                  progress: bool = True) -> Scores:
     """Scores [G, N, O] of every item at every (layer, alpha) grid point."""
     if positions not in ("all", "last"):

@@ -47,7 +47,7 @@ def landing(prompt_last, T: int, tail: int):
 
 
 def sweep(params, tokens, mask, source, prompt_last, pairs, score_args=None, *, config: ModelConfig, tail: int,
-          score: Callable, chunk: int = 16, site: str = SITE):
+          score: Callable, chunk: int | None = None, site: str = SITE):
     """Scores of target rows under every transplant pair, as one program (`sweep.run_stack` with
     the KV-cache tail: only the last `tail` positions are re-run per pair).
 
@@ -95,7 +95,7 @@ def _prompt_text(template: Template, method: str) -> Callable[[Item], str]:
 
 
 def transplant_scores(model, items: Sequence[Item], template: Template, pairs=None, *, source_lang: str = "en",
-                      method: str = "letters", batch_rows: int = 8, chunk: int = 16, progress: bool = True,
+                      method: str = "letters", batch_rows: int = 8, chunk: int | None = None, progress: bool = True,
                       site: str = SITE):
     """(targets, Scores [P, N, O], pairs): every target item (lang != source_lang) scored under each
     pair, the source being its parallel source-language item (same id) at its last prompt token."""

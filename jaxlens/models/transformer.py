@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlens.config import ModelConfig
 from jaxlens.interventions import apply_at
@@ -157,11 +158,14 @@ class Attention(nn.Module):
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
         new_kv = (k, v)
-        if past is not None:
-            k, v = (jnp.concatenate([p.astype(n.dtype), n], axis=1) for p, n in zip(past, new_kv))  # [B,S,K,H]
+        # With a cache, the keys/values are read in two parts (earlier tokens, these) and only the
+        # [.., T, S] scores are joined: concatenating the cache would copy it, and under a vmapped
+        # sweep (one shared cache, many interventions) copy it once per point.
+        parts = [new_kv] if past is None else [tuple(p.astype(n.dtype) for p, n in zip(past, new_kv)), new_kv]
         B, T = q.shape[:2]
         q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim)  # [B,T,K,G,H]
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.concatenate([jnp.einsum("btkgh,bskh->bkgts", q, pk, preferred_element_type=jnp.float32)
+                                  for pk, _ in parts], axis=-1)
         scores = scores * c.attn_scale  # [B,K,G,T,S]
         if c.positions == "alibi":  # + slope(head) * key position; softmax ignores the query's share
             slopes = jnp.asarray(alibi_slopes(c.n_heads)).reshape(c.n_kv_heads, G)
@@ -170,7 +174,9 @@ class Attention(nn.Module):
         scores = scores + jnp.where(mask, 0.0, _MASKED)  # added, not selected: XLA fuses it into the softmax
         probs = jax.nn.softmax(scores, axis=-1)
         sow(self, "attn_probs", probs.reshape(B, c.n_heads, T, -1))
-        ctx = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)  # [B,T,K,G,H]
+        starts = np.cumsum([0] + [pv.shape[1] for _, pv in parts])
+        ctx = sum(jnp.einsum("bkgts,bskh->btkgh", probs[..., a:b].astype(pv.dtype), pv)
+                  for (_, pv), a, b in zip(parts, starts[:-1], starts[1:]))  # [B,T,K,G,H]
         ctx = ctx.reshape(B, T, c.n_heads, c.head_dim)
         return Linear((c.d_model,), in_axes=2, use_bias=c.o_bias, name="o")(ctx), new_kv  # [B,T,D]
 
