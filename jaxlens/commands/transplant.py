@@ -6,7 +6,9 @@ The English item's MLP output at its last prompt token (source layer i) replaces
 language item's MLP output at its last prompt token (target layer j), for all N x N pairs, one
 program per batch. Writes OUT/summary.json (clean accuracy, the accuracy of every pair, upper
 bound, unions per source/target layer, the offline best-pair strategy), pairs.npz, one heatmap
-per language (heatmaps.png) and index.html.
+per language (heatmaps.png) and index.html. With `--generate N`: greedy continuations of every
+target prompt, clean and with the transplant in the prefill (`--pair I,J`, else each language's
+offline best pair), into generations.jsonl.
 """
 
 from __future__ import annotations
