@@ -3,7 +3,7 @@
 XTransplant (METHODS.md §4) changes the prompt's pass only: "in the prefill only (later tokens
 see it through the cache)". So `generate` runs the prompt once with the interventions
 (`forward_cached`), then decodes one token per step on the cache with none. The whole loop is one
-jitted program (`lax.scan` over steps): the cache is allocated once at prompt + new length, each
+jitted program (`lax.scan` over steps): the cache is allocated once at its final length, each
 step writes its token's keys/values into the next slot, and empty slots are masked. Positions
 count real tokens, so left- or right-padded prompt batches both work. `jax.vmap` over a stacked
 intervention (`interventions.stack`) generates under every point of a sweep in one program.
@@ -73,7 +73,8 @@ def generate_text(model, prompts: Sequence[str], *, max_new_tokens: int = 32, ba
                   interventions=None) -> list[str]:
     """Greedy continuations of the prompts (text), in fixed-size batches. `interventions` is None or a
     function (tokens, mask, rows) -> interventions for that batch (rows: the prompts' indices)."""
-    eos = [t for t in np.atleast_1d(model.tokenizer.eos_token_id or []) if t is not None]
+    eos_id = model.tokenizer.eos_token_id  # an int, a list of them, or None (0 is a valid id)
+    eos = [] if eos_id is None else [int(t) for t in np.atleast_1d(eos_id)]
     out = []
     for start in range(0, len(prompts), batch_rows):
         rows = np.arange(start, min(start + batch_rows, len(prompts)))
