@@ -25,27 +25,31 @@ from jaxlens.states import left_padded
 
 
 def generate(params, tokens, mask=None, *, config: ModelConfig, max_new_tokens: int, interventions=None,
-             eos_ids: Sequence[int] = ()):
+             eos_ids: Sequence[int] = (), past: KVCache | None = None):
     """Greedy continuation of each prompt row: (new tokens [B, N] int32, lengths [B]).
 
-    tokens, mask [B, T]: prompts, left or right padded. A row stops at its first token in `eos_ids`
-    (counted in its length); its later entries are that eos token again. Interventions act on the
-    prompt's pass only."""
+    tokens, mask [B, T]: prompts, left or right padded; with `past` (a `forward_cached` cache), the
+    rest of prompts whose beginning it holds. A row stops at its first token in `eos_ids` (counted in
+    its length); its later entries are that eos token again. Interventions act on the pass over
+    `tokens` only."""
     tokens = jnp.asarray(tokens, jnp.int32)
     mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if tokens.shape[1] + max_new_tokens > config.max_positions:
-        raise ValueError(f"prompt length {tokens.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
-                         f"max_positions={config.max_positions}; shorten the prompt or generate fewer tokens")
+    earlier = 0 if past is None else past.mask.shape[1]
+    if earlier + tokens.shape[1] + max_new_tokens > config.max_positions:
+        raise ValueError(f"prompt length {earlier + tokens.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
+                         f"model's max_positions={config.max_positions}; shorten the prompt or generate fewer tokens")
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    return _generate(params, tokens, mask, interventions, eos, config, max_new_tokens)
+    return decode(params, tokens, mask, interventions, eos, past, config, max_new_tokens)
 
 
-@partial(jax.jit, static_argnums=(5, 6))
-def _generate(params, tokens, mask, interventions, eos, config: ModelConfig, max_new_tokens: int):
-    B, T = tokens.shape
-    logits, _, cache = forward_cached(params, tokens, mask, config=config, interventions=interventions)
+@partial(jax.jit, static_argnums=(6, 7))
+def decode(params, tokens, mask, interventions, eos, past, config: ModelConfig, max_new_tokens: int):
+    """`generate` without the checks, for use inside other programs (eos: [E] int32 ids, -1 for none)."""
+    B = tokens.shape[0]
+    logits, _, cache = forward_cached(params, tokens, mask, config=config, interventions=interventions, past=past)
+    T = cache.mask.shape[1]  # earlier + these tokens: the first free slot
     first = jnp.argmax(logits[jnp.arange(B), iv.last_index(mask)], axis=-1).astype(jnp.int32)
     steps = max_new_tokens - 1  # the last new token is never fed back
     grow = lambda a: jnp.pad(a, [(0, 0)] * 2 + [(0, steps)] + [(0, 0)] * (a.ndim - 3))  # noqa: E731
@@ -69,12 +73,17 @@ def _generate(params, tokens, mask, interventions, eos, config: ModelConfig, max
     return new_tokens, lengths
 
 
+def eos_ids(tokenizer) -> list[int]:
+    """The tokenizer's end-of-sequence id(s): an int, a list of them, or none (0 is a valid id)."""
+    eos = tokenizer.eos_token_id
+    return [] if eos is None else [int(t) for t in np.atleast_1d(eos)]
+
+
 def generate_text(model, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_rows: int = 8,
                   interventions=None) -> list[str]:
     """Greedy continuations of the prompts (text), in fixed-size batches. `interventions` is None or a
     function (tokens, mask, rows) -> interventions for that batch (rows: the prompts' indices)."""
-    eos_id = model.tokenizer.eos_token_id  # an int, a list of them, or None (0 is a valid id)
-    eos = [] if eos_id is None else [int(t) for t in np.atleast_1d(eos_id)]
+    eos = eos_ids(model.tokenizer)
     out = []
     for start in range(0, len(prompts), batch_rows):
         rows = np.arange(start, min(start + batch_rows, len(prompts)))

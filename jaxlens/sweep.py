@@ -78,12 +78,18 @@ def run_stack(params, tokens, mask, stack, score_args, cache=None, *, config: Mo
             _, sites = forward(params, tokens, mask, config=config, capture=("final_norm",), interventions=intervention)
             return score(unembed(params, sites["final_norm"][:, T - tail :], config), score_args)
 
+    return map_stack(one, stack, chunk or auto_chunk(tokens.shape[0], tail, config.vocab_size, tail_only))
+
+
+def map_stack(fn: Callable, stack, limit: int):
+    """fn over every point of a stack (leading [P] axis), inside a program: `jax.vmap` over chunks of
+    at most `limit` points, evenly filled (120 at 32: 4 x 30), `lax.map` over the chunks. Returns
+    fn's outputs with a leading [P] axis."""
     P = jax.tree.leaves(stack)[0].shape[0]
-    limit = chunk or auto_chunk(tokens.shape[0], tail, config.vocab_size, tail_only)
-    chunk = -(-P // -(-P // limit))  # as many chunks as `limit` needs, evenly filled (120 at 32: 4 x 30)
+    chunk = -(-P // -(-P // limit))
     padded = -(-P // chunk) * chunk
     chunks = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], padded - P, 0)]).reshape((-1, chunk) + a.shape[1:]), stack)
-    out = jax.lax.map(jax.vmap(one), chunks)  # [P/chunk, chunk, ...]
+    out = jax.lax.map(jax.vmap(fn), chunks)  # [P/chunk, chunk, ...]
     return jax.tree.map(lambda a: a.reshape((padded,) + a.shape[2:])[:P], out)
 
 

@@ -12,6 +12,7 @@ that cache, as a `jax.vmap` over pairs, `lax.map`ped over chunks of pairs to bou
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Sequence
 
 import jax
@@ -22,7 +23,7 @@ from jaxlens import interventions as iv
 from jaxlens.config import ModelConfig
 from jaxlens.evaluation import Item, Template
 from jaxlens.states import last_token_states
-from jaxlens.sweep import prefix_cache, run_stack, sweep_scores
+from jaxlens.sweep import auto_chunk, map_stack, prefix_cache, run_stack, sweep_scores
 
 SITE = "mlp_out"  # the MLP's output before the residual add
 
@@ -70,6 +71,23 @@ def sweep_loop(params, tokens, mask, source, prompt_last, pairs, score_args=None
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *out)
 
 
+@partial(jax.jit, static_argnames=("config", "max_new_tokens", "chunk", "site"))
+def generate_sweep(params, tokens, mask, source, pairs, eos, *, config: ModelConfig, max_new_tokens: int,
+                   chunk: int | None = None, site: str = SITE):
+    """Greedy continuations of target rows under every transplant pair, as one program: (tokens
+    [P, R, N], lengths [P, R]). tokens, mask [R, T]: prompts right-aligned (left padding), so the
+    last column is each row's last prompt token; source [R, L, D]; eos [E] int32 (-1: none).
+
+    The clean pass runs once over all but the last column; each pair re-runs the last prompt token
+    with its transplant on that cache (the prefill) and decodes from there (`generate.decode`)."""
+    from jaxlens.generate import decode
+
+    cache = prefix_cache(params, tokens, mask, config=config, tail=1)
+    stack = pair_stack(source, pairs, jnp.ones((tokens.shape[0], 1), bool), site)
+    one = lambda point: decode(params, tokens[:, -1:], mask[:, -1:], point, eos, cache, config, max_new_tokens)  # noqa: E731
+    return map_stack(one, stack, chunk or auto_chunk(tokens.shape[0], 1, config.vocab_size, True))
+
+
 # ---- items: sources from the parallel English prompts, scores per pair, the paper's analyses ----
 
 
@@ -90,7 +108,7 @@ def source_table(model, items: Sequence[Item], text: Callable[[Item], str], *, s
     return targets, table, np.array([order.index(t.id) for t in targets])
 
 
-def _prompt_text(template: Template, method: str) -> Callable[[Item], str]:
+def prompt_text(template: Template, method: str) -> Callable[[Item], str]:
     return template.lettered_text if method == "letters" else template.context_text
 
 
@@ -99,7 +117,7 @@ def transplant_scores(model, items: Sequence[Item], template: Template, pairs=No
                       site: str = SITE):
     """(targets, Scores [P, N, O], pairs): every target item (lang != source_lang) scored under each
     pair, the source being its parallel source-language item (same id) at its last prompt token."""
-    targets, table, row_of = source_table(model, items, _prompt_text(template, method), source_lang=source_lang,
+    targets, table, row_of = source_table(model, items, prompt_text(template, method), source_lang=source_lang,
                                           batch_rows=batch_rows, site=site)
     pairs = all_pairs(model.config.n_layers) if pairs is None else np.asarray(pairs, np.int32)
 
@@ -112,24 +130,59 @@ def transplant_scores(model, items: Sequence[Item], template: Template, pairs=No
     return targets, scores, pairs
 
 
-def transplant_generate(model, items: Sequence[Item], template: Template, pair: tuple[int, int] | None, *,
-                        source_lang: str = "en", method: str = "letters", max_new_tokens: int = 16,
-                        batch_rows: int = 8, site: str = SITE) -> tuple[list[Item], list[str]]:
-    """(targets, greedy continuations of their prompts): with the parallel source item's MLP output of
-    layer i at its last prompt token in place of layer j's at the target's last prompt token, in the
-    prefill only (METHODS.md §4); pair None: the clean continuations."""
-    from jaxlens.generate import generate_text
+def transplant_generations(model, items: Sequence[Item], template: Template, pairs=None, *, source_lang: str = "en",
+                           method: str = "letters", max_new_tokens: int = 8, batch_rows: int = 8,
+                           chunk: int | None = None, progress: bool = True, site: str = SITE):
+    """(targets, pairs, texts): texts[p][n] is the greedy continuation of target n's prompt with the
+    parallel source item's MLP output of layer i (at its last prompt token) in place of layer j's at
+    the target's last prompt token, in the prefill only (METHODS.md §4); every pair (default: all
+    N x N) in one program per batch (`generate_sweep`)."""
+    from tqdm import tqdm
 
-    text = _prompt_text(template, method)
+    from jaxlens.generate import eos_ids
+    from jaxlens.states import left_padded
+
+    text = prompt_text(template, method)
     targets, table, row_of = source_table(model, items, text, source_lang=source_lang, batch_rows=batch_rows, site=site)
+    pairs = all_pairs(model.config.n_layers) if pairs is None else np.asarray(pairs, np.int32).reshape(-1, 2)
+    eos = jnp.asarray(eos_ids(model.tokenizer) or [-1], jnp.int32)
+    texts = [[""] * len(targets) for _ in pairs]
+    for start in tqdm(range(0, len(targets), batch_rows), desc="generate (pairs)", disable=not progress, leave=False):
+        rows = np.arange(start, min(start + batch_rows, len(targets)))
+        tokens, mask = left_padded(model, [text(targets[r]) for r in rows], batch_rows)
+        source = np.zeros((batch_rows, *table.shape[1:]), table.dtype)
+        source[: len(rows)] = table[row_of[rows]]
+        new, lengths = jax.tree.map(np.asarray, generate_sweep(
+            model.params, tokens, mask, source, pairs, eos, config=model.config, max_new_tokens=max_new_tokens,
+            chunk=chunk, site=site))
+        for p in range(len(pairs)):
+            for k, r in enumerate(rows):
+                texts[p][r] = model.tokenizer.decode(new[p, k, : lengths[p, k]], skip_special_tokens=True)
+    return targets, pairs, texts
 
-    def transplant(tokens, mask, rows):
-        source = np.zeros((len(tokens), *table.shape[2:]), table.dtype)
-        source[: len(rows)] = table[row_of[rows], pair[0]]
-        return iv.transplant(site, source, pair[1], iv.last_token(mask))
 
-    return targets, generate_text(model, [text(t) for t in targets], max_new_tokens=max_new_tokens,
-                                  batch_rows=batch_rows, interventions=None if pair is None else transplant)
+def generated_correct(items: Sequence[Item], texts: Sequence[str], method: str = "letters") -> np.ndarray:
+    """[N] bool: whether each generation answers its item. letters: its first non-space character is
+    the answer's letter; options: of the options, it begins most like the answer's (longest common
+    prefix, ignoring case and surrounding space, and longer than that of every other option)."""
+    from jaxlens.evaluation import LETTERS
+
+    def common(a: str, b: str) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    out = []
+    for item, text in zip(items, texts):
+        said = text.strip().casefold()
+        if method == "letters":
+            out.append(said[:1] == LETTERS[item.answer].casefold())
+        else:
+            shared = [common(said, o.strip().casefold()) for o in item.options]
+            best = shared[item.answer]
+            out.append(best > 0 and all(best > n for k, n in enumerate(shared) if k != item.answer))
+    return np.array(out, bool)
 
 
 def best_pair(accuracy, pairs, target_layer: int | None = None) -> tuple[int, int]:
@@ -155,10 +208,16 @@ def analyse(targets: Sequence[Item], scores: np.ndarray, pairs, n_layers: int, c
     """
     from jaxlens.evaluation import predictions
 
-    pairs = np.asarray(pairs)
     answers = np.array([t.answer for t in targets])
-    correct = predictions(scores) == answers  # [P, N]
-    clean_correct = None if clean is None else predictions(clean) == answers
+    return analyse_correct(targets, predictions(scores) == answers, pairs, n_layers,
+                           None if clean is None else predictions(clean) == answers, pilot)
+
+
+def analyse_correct(targets: Sequence[Item], correct: np.ndarray, pairs, n_layers: int,
+                    clean_correct: np.ndarray | None = None, pilot: int = 50) -> dict:
+    """`analyse` from which items each pair got right: correct [P, N] bool, clean_correct [N] bool
+    (scored, or read off generations with `generated_correct`)."""
+    pairs, correct = np.asarray(pairs), np.asarray(correct, bool)
     out = {}
     for lang in dict.fromkeys(t.lang for t in targets):
         idx = np.array([n for n, t in enumerate(targets) if t.lang == lang])
@@ -170,7 +229,7 @@ def analyse(targets: Sequence[Item], scores: np.ndarray, pairs, n_layers: int, c
         entry = {
             "n_items": int(len(idx)),
             "clean": None if clean_correct is None else float(clean_correct[idx].mean()),
-            "pair_accuracy": grid.tolist(),
+            "pair_accuracy": [[None if np.isnan(v) else v for v in row] for row in grid.tolist()],  # None: not run
             "upper_bound": float(c.any(0).mean()),
             "per_source_union": by(0),
             "per_target_union": by(1),

@@ -11,7 +11,7 @@ from jaxlens import interventions as iv
 from jaxlens.converters.families import config_from_hf
 from jaxlens.generate import generate, generate_text
 from jaxlens.states import left_padded
-from jaxlens.models import forward, init_params
+from jaxlens.models import forward, forward_cached, init_params
 
 # A sliding window shorter than prompt + generation (Gemma 3), ALiBi (BLOOM), learned positions (GPT-2).
 FAMILIES = ["llama", "gemma3_text", "bloom", "gpt2"]
@@ -70,6 +70,21 @@ def test_an_intervention_acts_in_the_prefill_and_later_tokens_see_it(model):
     new, _ = generate(params, tokens, config=config, max_new_tokens=N_NEW, interventions=make(iv.last_token(np.ones_like(tokens))))
     assert np.asarray(new)[0].tolist() == want
     assert want != naive_generate(params, config, prompt, N_NEW)
+
+
+def test_continuing_a_cached_prefix_equals_generating_from_the_whole_prompt(model):
+    config, params = model
+    if config.family not in ("llama", "gemma3"):
+        pytest.skip("one rope and one sliding-window family suffice here")
+    tokens = np.random.default_rng(6).integers(0, 64, (2, 7)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    mask[1, :3] = 0  # left padding
+    whole, _ = generate(params, tokens, mask, config=config, max_new_tokens=N_NEW)
+    _, _, cache = forward_cached(params, tokens[:, :5], mask[:, :5], config=config)
+    rest, _ = generate(params, tokens[:, 5:], mask[:, 5:], config=config, max_new_tokens=N_NEW, past=cache)
+    np.testing.assert_array_equal(np.asarray(rest), np.asarray(whole))
+    with pytest.raises(ValueError, match="prompt length 7 \\+ max_new_tokens"):
+        generate(params, tokens[:, 5:], config=config, max_new_tokens=config.max_positions - 6, past=cache)
 
 
 def test_vmap_over_a_stack_of_interventions_equals_one_by_one(model):

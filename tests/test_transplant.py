@@ -116,29 +116,43 @@ def test_analyse_upper_bound_unions_and_offline_pair():
     assert xt.best_pair([0.5, 0.5, 0.9, 0.5], pairs, target_layer=1) == (1, 1)  # ties at j=1: largest i
 
 def test_generation_after_a_transplant_equals_full_passes(tiny):
-    """Greedy continuations with the transplant in the prefill equal decoding by full passes that
-    apply it at the prompt's last token each step (no cache, no `generate`)."""
+    """Greedy continuations under each pair (one vmapped program on a shared prefix cache) equal
+    decoding by full passes that apply the transplant at the prompt's last token each step."""
+    from jaxlens.generate import generate_text
+
     model, tokenizer, _ = tiny
     # Weights x3: the random-init tiny model's greedy tokens ignore a transplant at its init scale.
     model = dataclasses.replace(model, params=jax.tree.map(lambda p: 3 * p, model.params))
-    template, (i, j), n_new = ev.XCOPA_TEMPLATE, (2, 0), 4
-    targets, texts = xt.transplant_generate(model, PARALLEL, template, (i, j), max_new_tokens=n_new, batch_rows=4)
+    template, n_new = ev.XCOPA_TEMPLATE, 4
+    pairs = np.array([[2, 0], [0, 1], [1, 1]], np.int32)
+    targets, got_pairs, texts = xt.transplant_generations(model, PARALLEL, template, pairs, max_new_tokens=n_new,
+                                                          batch_rows=4, progress=False)
+    assert got_pairs.tolist() == pairs.tolist() and len(texts) == 3 and all(len(t) == len(targets) for t in texts)
     english = {e.id: e for e in PARALLEL if e.lang == "en"}
-    for target, text in zip(targets, texts):
-        source = last_token_states(model, [template.lettered_text(english[target.id])], site="mlp_out")[:, i]  # [1, D]
-        ids = tokenizer.encode(template.lettered_text(target))
-        last, new = len(ids) - 1, []
-        for _ in range(n_new):
-            graft = iv.transplant("mlp_out", source, j, iv.at_positions(np.array([last]), len(ids)))
-            logits, _ = forward(model.params, np.array([ids], np.int32), config=model.config, interventions=graft)
-            new.append(int(np.argmax(logits[0, -1])))
-            ids.append(new[-1])
-            if new[-1] == tokenizer.eos_token_id:
-                break
-        assert text == tokenizer.decode(new, skip_special_tokens=True)
-    _, clean = xt.transplant_generate(model, PARALLEL, template, None, max_new_tokens=n_new)
-    assert len(clean) == len(texts) and all(isinstance(t, str) for t in clean)
-    assert clean != texts  # the transplant changed what was generated, so the comparison above has teeth
+    for (i, j), row in zip(pairs, texts):
+        for target, text in zip(targets, row):
+            source = last_token_states(model, [template.lettered_text(english[target.id])], site="mlp_out")[:, i]  # [1, D]
+            ids = tokenizer.encode(template.lettered_text(target))
+            last, new = len(ids) - 1, []
+            for _ in range(n_new):
+                graft = iv.transplant("mlp_out", source, j, iv.at_positions(np.array([last]), len(ids)))
+                logits, _ = forward(model.params, np.array([ids], np.int32), config=model.config, interventions=graft)
+                new.append(int(np.argmax(logits[0, -1])))
+                ids.append(new[-1])
+                if new[-1] == tokenizer.eos_token_id:
+                    break
+            assert text == tokenizer.decode(new, skip_special_tokens=True), (i, j, target.id)
+    clean = generate_text(model, [template.lettered_text(t) for t in targets], max_new_tokens=n_new)
+    assert clean != texts[0]  # the transplant changed what was generated, so the comparison above has teeth
+
+
+def test_generated_correct_reads_letters_and_options():
+    items = [ev.Item("1", "xx", "q", ("Water.", "Milk."), 1), ev.Item("2", "xx", "q", ("Wat", "Water"), 0)]
+    assert xt.generated_correct(items, [" B. Because", "a. no"]).tolist() == [True, True]
+    assert xt.generated_correct(items, ["A.", "B"]).tolist() == [False, False]
+    # options: the generation must begin more like the answer than like any other option
+    assert xt.generated_correct(items, [" milk, of course", "Water"], "options").tolist() == [True, False]
+    assert xt.generated_correct(items, ["Wa", ""], "options").tolist() == [False, False]
 
 
 def test_transplant_needs_parallel_sources(tiny):
@@ -159,12 +173,21 @@ def test_cli_end_to_end(tiny, tmp_path):
     out = tmp_path / "transplant"
     assert main(["transplant", "--model", str(directory), "--data", str(data), "--langs", "xx", "--pilot", "2",
                  "--generate", "3", "--out", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"summary.json", "pairs.npz", "heatmaps.png", "index.html", "generations.jsonl"}
+    assert {p.name for p in out.iterdir()} == {"summary.json", "pairs.npz", "heatmaps.png", "index.html", "generations.jsonl",
+                                               "generation_heatmaps.png"}
     generated = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert [g["id"] for g in generated] == ["0", "1", "2", "3"] and all(set(g) >= {"clean", "transplanted", "pair"} for g in generated)
-    with pytest.raises(SystemExit, match="--pair must be two layer indices"):
-        main(["transplant", "--model", str(directory), "--data", str(data), "--langs", "xx", "--pair", "0,99",
-              "--generate", "2", "--out", str(tmp_path / "bad")])
     summary = json.loads((out / "summary.json").read_text())
     L = summary["n_layers"]
     assert len(summary["languages"]["xx"]["pair_accuracy"]) == L and "offline" in summary["languages"]["xx"]
+    gen = summary["generation"]["languages"]["xx"]
+    assert summary["generation"]["n_pairs"] == L * L and len(gen["pair_accuracy"]) == L and 0 <= gen["upper_bound"] <= 1
+    # One pair only: the other cells of the grid are null (not run), and every row uses that pair.
+    assert main(["transplant", "--model", str(directory), "--data", str(data), "--langs", "xx", "--pilot", "2",
+                 "--generate", "2", "--pair", "1,0", "--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())["generation"]
+    assert one["n_pairs"] == 1 and one["languages"]["xx"]["pair_accuracy"][0][0] is None
+    assert {json.loads(line)["pair"] == [1, 0] for line in (tmp_path / "one" / "generations.jsonl").read_text().splitlines()} == {True}
+    with pytest.raises(SystemExit, match="--pair must be two layer indices"):
+        main(["transplant", "--model", str(directory), "--data", str(data), "--langs", "xx", "--pair", "0,99",
+              "--generate", "2", "--out", str(tmp_path / "bad")])

@@ -44,35 +44,50 @@ def run(args) -> int:
     key = "letter" if args.method == "letters" else "ll"
     result = xt.analyse(targets, getattr(scores, key), pairs, L, clean=getattr(clean, key), pilot=args.pilot)
     print(f"{len(pairs)} pairs x {len(targets)} items in {seconds:.1f}s")
-    lines = [f"{'lang':<5} {'clean':>6} {'upper':>6}  offline best pair (pilot -> test vs clean)"]
-    for lang, r in result.items():
-        off = r.get("offline", {}).get("best_pair")
-        tail = "" if off is None else (f"{tuple(off['pair'])}: {off['pilot_accuracy']:.2f} -> {off['test_accuracy']:.2f} "
-                                       f"vs {r['offline']['clean_test_accuracy']:.2f}")
-        lines.append(f"{lang:<5} {r['clean']:>6.2f} {r['upper_bound']:>6.2f}  {tail}")
-    table = "\n".join(lines)
+    table = summary_table(result)
     print(table)
+    summary = {"model": args.model, "data": args.data, "method": args.method, "limit": args.limit, "n_layers": L,
+               "seconds": round(seconds, 1), "languages": result}
+    sections = [Section("Summary", text=f"{len(pairs)} (source, target) layer pairs, English source, {args.method} scoring.",
+                        code=table),
+                Section("Accuracy of every pair", text="Rows: source layer i; columns: target layer j.", figure="heatmaps.png")]
+    written = ["summary.json", "pairs.npz", "heatmaps.png", "index.html"]
 
-    generations = generate_after(model, items, template, result, args, given) if args.generate else None
+    generations = None
+    if args.generate:
+        generated, generations = generate_after(model, items, template, args, given)
+        summary["generation"] = generated
+        gen_table = summary_table(generated["languages"])
+        print(f"generation ({args.generate} new tokens, {generated['n_pairs']} pairs, {generated['seconds']:.1f}s): "
+              "an item is right if the generation starts with its answer")
+        print(gen_table)
+        sections += [Section("Generation after the transplant", code=gen_table,
+                             text=f"Greedy, {args.generate} new tokens; right if it starts with the answer."),
+                     Section("Generation accuracy of every pair", figure="generation_heatmaps.png")]
+        written += ["generations.jsonl", "generation_heatmaps.png"]
 
     with output_dir(args.out, overwrite=args.overwrite) as out:
-        write_json(out / "summary.json", {"model": args.model, "data": args.data, "method": args.method,
-                                          "limit": args.limit, "n_layers": L, "seconds": round(seconds, 1),
-                                          "languages": result})
+        write_json(out / "summary.json", summary)
         write_arrays(out / "pairs.npz", pairs=pairs, scores=getattr(scores, key), clean=getattr(clean, key),
                      ids=np.array([t.id for t in targets]), langs=np.array([t.lang for t in targets]),
                      answers=np.array([t.answer for t in targets]))
         plot_heatmaps(out / "heatmaps.png", result)
         if generations is not None:
             write_jsonl(out / "generations.jsonl", generations)
-        write_report(out / "index.html", f"XTransplant: {args.model}", [
-            Section("Summary", text=f"{len(pairs)} (source, target) layer pairs, English source, {args.method} scoring.",
-                    code=table),
-            Section("Accuracy of every pair", text="Rows: source layer i; columns: target layer j.", figure="heatmaps.png"),
-        ])
-    print(f"wrote {args.out}/ (summary.json, pairs.npz, heatmaps.png, index.html"
-          f"{', generations.jsonl' if generations is not None else ''})")
+            plot_heatmaps(out / "generation_heatmaps.png", summary["generation"]["languages"])
+        write_report(out / "index.html", f"XTransplant: {args.model}", sections)
+    print(f"wrote {args.out}/ ({', '.join(written)})")
     return 0
+
+
+def summary_table(result: dict) -> str:
+    lines = [f"{'lang':<5} {'clean':>6} {'upper':>6}  offline best pair (pilot -> test vs clean)"]
+    for lang, r in result.items():
+        off = r.get("offline", {}).get("best_pair")
+        tail = "" if off is None else (f"{tuple(off['pair'])}: {off['pilot_accuracy']:.2f} -> {off['test_accuracy']:.2f} "
+                                       f"vs {r['offline']['clean_test_accuracy']:.2f}")
+        lines.append(f"{lang:<5} {r['clean']:>6.2f} {r['upper_bound']:>6.2f}  {tail}")
+    return "\n".join(lines)
 
 
 def parse_pair(text: str | None, n_layers: int) -> tuple[int, int] | None:
@@ -87,32 +102,37 @@ def parse_pair(text: str | None, n_layers: int) -> tuple[int, int] | None:
     return pair
 
 
-def generate_after(model, items, template, result: dict, args, given: tuple[int, int] | None) -> list[dict]:
-    """Greedy continuations of every target prompt, clean and with the transplant: `--pair I,J`, or
-    else each language's offline best pair. Prints, per language, how often the first letter generated
-    is the answer (letters method)."""
+def generate_after(model, items, template, args, given: tuple[int, int] | None) -> tuple[dict, list[dict]]:
+    """Greedy continuations of every target prompt, clean and under every pair (or only `--pair`),
+    one program per batch; read as right or wrong (`transplant.generated_correct`) and analysed like
+    the scores. Returns (summary, generations.jsonl rows: clean and each language's offline best
+    pair, or `--pair`)."""
     import numpy as np
 
     from jaxlens import transplant as xt
     from jaxlens.evaluation import LETTERS
+    from jaxlens.generate import generate_text
 
+    L = model.config.n_layers
+    t0 = time.perf_counter()
+    targets, pairs, texts = xt.transplant_generations(model, items, template, None if given is None else [given],
+                                                      method=args.method, max_new_tokens=args.generate,
+                                                      batch_rows=args.batch_rows)
+    text = xt.prompt_text(template, args.method)
+    clean = generate_text(model, [text(t) for t in targets], max_new_tokens=args.generate, batch_rows=args.batch_rows)
+    seconds = time.perf_counter() - t0
+    correct = np.stack([xt.generated_correct(targets, t, args.method) for t in texts])  # [P, N]
+    result = xt.analyse_correct(targets, correct, pairs, L, xt.generated_correct(targets, clean, args.method), args.pilot)
     rows = []
-    for lang, r in result.items():
-        if given is None and "offline" not in r:
-            raise SystemExit(f"--generate: no pair for {lang}: give --pair I,J, or enough items for a pilot split")
-        pair = given or tuple(r["offline"]["best_pair"]["pair"])
-        lang_items = [i for i in items if i.lang in (lang, "en")]
-        kw = {"method": args.method, "max_new_tokens": args.generate, "batch_rows": args.batch_rows}
-        tgt, clean = xt.transplant_generate(model, lang_items, template, None, **kw)
-        _, moved = xt.transplant_generate(model, lang_items, template, pair, **kw)
-        first = lambda text: text.strip()[:1].upper()  # noqa: E731
-        rows += [{"id": t.id, "lang": lang, "pair": list(pair), "answer": LETTERS[t.answer], "clean": c, "transplanted": m}
-                 for t, c, m in zip(tgt, clean, moved)]
-        if args.method == "letters":
-            hit = lambda texts: np.mean([first(x) == LETTERS[t.answer] for t, x in zip(tgt, texts)])  # noqa: E731
-            print(f"{lang}: generated answer letter correct: clean {hit(clean):.2f}, pair {pair} {hit(moved):.2f} "
-                  f"({len(tgt)} items, {args.generate} new tokens)")
-    return rows
+    for n, t in enumerate(targets):
+        r = result[t.lang]
+        pair = given or tuple(r.get("offline", {}).get("best_pair", {}).get("pair", ()))
+        if not pair:
+            continue  # too few items of this language for a pilot split, and no --pair
+        p = int(np.flatnonzero((pairs[:, 0] == pair[0]) & (pairs[:, 1] == pair[1]))[0])
+        rows.append({"id": t.id, "lang": t.lang, "answer": LETTERS[t.answer], "clean": clean[n], "pair": list(pair),
+                     "transplanted": texts[p][n]})
+    return {"max_new_tokens": args.generate, "n_pairs": len(pairs), "seconds": round(seconds, 1), "languages": result}, rows
 
 
 def plot_heatmaps(path, result: dict) -> None:
@@ -132,10 +152,10 @@ def register(sub) -> None:
     p.add_argument("--method", choices=("letters", "options"), default="letters")
     p.add_argument("--pilot", type=int, default=50, help="items per language to pick the offline best pair on")
     p.add_argument("--generate", type=int, default=0, metavar="N",
-                   help="also generate N tokens greedily after each target prompt, clean and transplanted "
-                        "(into generations.jsonl)")
-    p.add_argument("--pair", help="I,J: the (source, target) layer pair to generate with "
-                                  "(default: each language's offline best pair)")
+                   help="also generate N tokens greedily after each target prompt, clean and under every pair; "
+                        "report their accuracy like the scores' (generations.jsonl: clean and the offline best pair)")
+    p.add_argument("--pair", help="I,J: generate under this (source, target) layer pair only "
+                                  "(default: every pair, in one program per batch)")
     p.add_argument("--batch-rows", type=int, default=8)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", required=True)
