@@ -34,14 +34,18 @@ def generate(params, tokens, mask=None, *, config: ModelConfig, max_new_tokens: 
     `tokens` only."""
     tokens = jnp.asarray(tokens, jnp.int32)
     mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    earlier = 0 if past is None else past.mask.shape[1]
-    if earlier + tokens.shape[1] + max_new_tokens > config.max_positions:
-        raise ValueError(f"prompt length {earlier + tokens.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
-                         f"model's max_positions={config.max_positions}; shorten the prompt or generate fewer tokens")
+    check_lengths(config, (0 if past is None else past.mask.shape[1]) + tokens.shape[1], max_new_tokens)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     return decode(params, tokens, mask, interventions, eos, past, config, max_new_tokens)
+
+
+def check_lengths(config: ModelConfig, prompt_length: int, max_new_tokens: int) -> None:
+    """What every entry point into `decode` checks: at least one new token, and room for them."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompt_length + max_new_tokens > config.max_positions:
+        raise ValueError(f"prompt length {prompt_length} + max_new_tokens {max_new_tokens} exceeds the "
+                         f"model's max_positions={config.max_positions}; shorten the prompt or generate fewer tokens")
 
 
 @partial(jax.jit, static_argnums=(6, 7))
@@ -87,7 +91,7 @@ def generate_text(model, prompts: Sequence[str], *, max_new_tokens: int = 32, ba
     out = []
     for start in range(0, len(prompts), batch_rows):
         rows = np.arange(start, min(start + batch_rows, len(prompts)))
-        tokens, mask = left_padded(model, [prompts[r] for r in rows], batch_rows)
+        tokens, mask = left_padded(model, [prompts[r] for r in rows], batch_rows, room=max_new_tokens)
         made = None if interventions is None else interventions(tokens, mask, rows)
         new, lengths = generate(model.params, tokens, mask, config=model.config, max_new_tokens=max_new_tokens,
                                 interventions=made, eos_ids=eos)

@@ -35,12 +35,17 @@ def last_token_states(model, texts: Sequence[str], *, site: str = "resid_post", 
     return np.concatenate(out)
 
 
-def left_padded(model, texts: Sequence[str], rows: int):
-    """(tokens, mask) [rows, T] int32: `model.encode` (left padding to the longest), plus one-token
-    padding rows up to `rows`, so every batch has the same number of rows."""
+def left_padded(model, texts: Sequence[str], rows: int, room: int = 0):
+    """(tokens, mask) [rows, T] int32: `model.encode` (left padding), widened on the left to a
+    bucketed length T (`evaluation.bucket`; at most max_positions - room, where `room` tokens will
+    follow) so batches of different prompt lengths share a few compiled programs, plus one-token
+    padding rows up to `rows`."""
+    from jaxlens.evaluation import bucket
+
     tokens, mask = model.encode(list(texts))
-    extra = rows - len(tokens)
-    tokens = np.concatenate([tokens, np.zeros((extra, tokens.shape[1]), np.int32)])
-    mask = np.concatenate([mask, np.zeros((extra, mask.shape[1]), mask.dtype)])
-    mask[:, -1] = 1
-    return tokens.astype(np.int32), mask.astype(np.int32)
+    T = max(tokens.shape[1], min(bucket(tokens.shape[1]), model.config.max_positions - room))
+    out_tokens, out_mask = np.zeros((rows, T), np.int32), np.zeros((rows, T), np.int32)
+    out_tokens[: len(tokens), T - tokens.shape[1] :] = tokens
+    out_mask[: len(mask), T - mask.shape[1] :] = mask
+    out_mask[len(mask) :, -1] = 1
+    return out_tokens, out_mask

@@ -139,7 +139,7 @@ def transplant_generations(model, items: Sequence[Item], template: Template, pai
     N x N) in one program per batch (`generate_sweep`)."""
     from tqdm import tqdm
 
-    from jaxlens.generate import eos_ids
+    from jaxlens.generate import check_lengths, eos_ids
     from jaxlens.states import left_padded
 
     text = prompt_text(template, method)
@@ -149,7 +149,8 @@ def transplant_generations(model, items: Sequence[Item], template: Template, pai
     texts = [[""] * len(targets) for _ in pairs]
     for start in tqdm(range(0, len(targets), batch_rows), desc="generate (pairs)", disable=not progress, leave=False):
         rows = np.arange(start, min(start + batch_rows, len(targets)))
-        tokens, mask = left_padded(model, [text(targets[r]) for r in rows], batch_rows)
+        tokens, mask = left_padded(model, [text(targets[r]) for r in rows], batch_rows, room=max_new_tokens)
+        check_lengths(model.config, tokens.shape[1], max_new_tokens)
         source = np.zeros((batch_rows, *table.shape[1:]), table.dtype)
         source[: len(rows)] = table[row_of[rows]]
         new, lengths = jax.tree.map(np.asarray, generate_sweep(

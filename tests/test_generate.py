@@ -9,6 +9,7 @@ import pytest
 from conftest import _COMMON, TINY_CONFIGS
 from jaxlens import interventions as iv
 from jaxlens.converters.families import config_from_hf
+from jaxlens.evaluation import bucket
 from jaxlens.generate import generate, generate_text
 from jaxlens.states import left_padded
 from jaxlens.models import forward, forward_cached, init_params
@@ -122,6 +123,7 @@ def test_generate_text_and_left_padding(tiny):
     texts = ["the cat sat", "a much longer prompt about the cat"]
     tokens, mask = left_padded(model, texts, rows=3)
     assert tokens.shape[0] == 3 and mask[:, -1].all() and mask[2].sum() == 1 and mask[0, 0] == 0
+    assert tokens.shape[1] == bucket(mask[1].sum())  # widened to a bucketed length: few compiled shapes
     out = generate_text(model, texts, max_new_tokens=3, batch_rows=2)
     eos = model.tokenizer.eos_token_id
     direct = []

@@ -146,6 +146,15 @@ def test_generation_after_a_transplant_equals_full_passes(tiny):
     assert clean != texts[0]  # the transplant changed what was generated, so the comparison above has teeth
 
 
+def test_generation_lengths_are_checked(tiny):
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        xt.transplant_generations(model, PARALLEL, ev.XCOPA_TEMPLATE, [[0, 0]], max_new_tokens=0, progress=False)
+    with pytest.raises(ValueError, match="exceeds the model's max_positions"):
+        xt.transplant_generations(model, PARALLEL, ev.XCOPA_TEMPLATE, [[0, 0]], max_new_tokens=model.config.max_positions,
+                                  progress=False)
+
+
 def test_generated_correct_reads_letters_and_options():
     items = [ev.Item("1", "xx", "q", ("Water.", "Milk."), 1), ev.Item("2", "xx", "q", ("Wat", "Water"), 0)]
     assert xt.generated_correct(items, [" B. Because", "a. no"]).tolist() == [True, True]
@@ -188,6 +197,9 @@ def test_cli_end_to_end(tiny, tmp_path):
     one = json.loads((tmp_path / "one" / "summary.json").read_text())["generation"]
     assert one["n_pairs"] == 1 and one["languages"]["xx"]["pair_accuracy"][0][0] is None
     assert {json.loads(line)["pair"] == [1, 0] for line in (tmp_path / "one" / "generations.jsonl").read_text().splitlines()} == {True}
+    with pytest.raises(SystemExit, match="--generate must be a number of new tokens >= 0"):
+        main(["transplant", "--model", str(directory), "--data", str(data), "--langs", "xx", "--generate", "-1",
+              "--out", str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match="--pair must be two layer indices"):
         main(["transplant", "--model", str(directory), "--data", str(data), "--langs", "xx", "--pair", "0,99",
               "--generate", "2", "--out", str(tmp_path / "bad")])

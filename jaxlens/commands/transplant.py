@@ -36,6 +36,8 @@ def run(args) -> int:
     model = jaxlens.load(args.model, dtype=args.dtype)
     L = model.config.n_layers
     given = parse_pair(args.pair, L)
+    if args.generate < 0:
+        raise SystemExit(f"--generate must be a number of new tokens >= 0, got {args.generate}")
     t0 = time.perf_counter()
     targets, scores, pairs = xt.transplant_scores(model, items, template, method=args.method, batch_rows=args.batch_rows)
     seconds = time.perf_counter() - t0
