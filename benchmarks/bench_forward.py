@@ -101,7 +101,7 @@ def job_forward_jaxlens(model, batch, length, repeats):
     import numpy as np
 
     import jaxlens
-    from jaxlens.models import _forward
+    from jaxlens.core.forward import _forward
 
     m = jaxlens.load(model)
     c = m.config
@@ -140,7 +140,7 @@ def job_load_jaxlens(model):
     import jax
 
     from jaxlens.converters import load_checkpoint
-    from jaxlens.zoo import resolve_model
+    from jaxlens.runtime.zoo import resolve_model
 
     reset_peak_rss()
     base = rss_mb()
@@ -179,7 +179,7 @@ def _hf_model(model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from jaxlens.zoo import resolve_model
+    from jaxlens.runtime.zoo import resolve_model
 
     path = Path(resolve_model(model))
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

@@ -39,7 +39,7 @@ def job_prepare(model, batch, length, budget, path):
     import numpy as np
 
     import jaxlens
-    from jaxlens import neurons as N
+    from jaxlens.methods import neurons as N
 
     m = jaxlens.load(model)
     b = N.make_batches(m, N.default_corpus("test"), seq_len=length, batch_size=batch, budget=budget)
@@ -52,8 +52,8 @@ def job_jaxlens(model, path, repeats):
     import numpy as np
 
     import jaxlens
-    from jaxlens import neurons as N
-    from jaxlens.models import forward
+    from jaxlens.methods import neurons as N
+    from jaxlens.core.forward import forward
 
     m = jaxlens.load(model)
     arrays = _batches(path)

@@ -55,8 +55,8 @@ def setup(model_name: str, rows: int):
     import numpy as np
 
     import jaxlens
-    from jaxlens import evaluation as ev
-    from jaxlens.states import last_token_states
+    from jaxlens.methods import evaluation as ev
+    from jaxlens.methods.states import last_token_states
 
     model = jaxlens.load(model_name)
     template = ev.XCOPA_TEMPLATE
@@ -77,12 +77,12 @@ def job_jaxlens(model_name, rows, loop_points):
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxlens import interventions as iv
-    from jaxlens import steer
-    from jaxlens import transplant as xt
-    from jaxlens.evaluation import letter_logprobs
-    from jaxlens.models import forward
-    from jaxlens.sweep import prefix_cache, run_stack, score_letters
+    from jaxlens.core import interventions as iv
+    from jaxlens.methods import steer
+    from jaxlens.methods import transplant as xt
+    from jaxlens.methods.evaluation import letter_logprobs
+    from jaxlens.core.forward import forward
+    from jaxlens.methods.sweep import prefix_cache, run_stack, score_letters
 
     model, batch, source, vector, args, _, _ = setup(model_name, rows)
     params, cfg = model.params, model.config
@@ -131,7 +131,7 @@ def job_nnsight(model_name, rows, loop_points):
     from nnsight import NNsight
     from transformers import AutoModelForCausalLM
 
-    from jaxlens.zoo import resolve_model
+    from jaxlens.runtime.zoo import resolve_model
 
     _, batch, source, vector, (table, _), _, _ = setup(model_name, rows)
     path = Path(resolve_model(model_name))

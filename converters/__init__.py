@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens.config import ConfigError, ModelConfig, resolve_dtype
+from jaxlens.core.config import ConfigError, ModelConfig, resolve_dtype
 from jaxlens.converters.families import Family, family_for
 from jaxlens.converters.orbax_io import CONFIG_FILE, restore
 from jaxlens.converters.safetensors_io import CheckpointError, SafetensorsSource
-from jaxlens.models import param_shapes
-from jaxlens.sharding import default_mesh, param_sharding
+from jaxlens.core.forward import param_shapes
+from jaxlens.core.sharding import default_mesh, param_sharding
 
 __all__ = ["CheckpointError", "ConfigError", "load_checkpoint", "load_params", "open_source"]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from jaxlens.config import ModelConfig, resolve_dtype
-from jaxlens.models import param_shapes
-from jaxlens.sharding import default_mesh, params_shardings
+from jaxlens.core.config import ModelConfig, resolve_dtype
+from jaxlens.core.forward import param_shapes
+from jaxlens.core.sharding import default_mesh, params_shardings
 
 CONFIG_FILE = "jaxlens_config.json"
 

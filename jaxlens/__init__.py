@@ -6,11 +6,12 @@
     logits, sites = model(tokens, mask, capture=("resid_post",))
 """
 
-from jaxlens.config import ConfigError, ModelConfig
-from jaxlens.loading import load
-from jaxlens.model import Model
-from jaxlens.models import forward
-from jaxlens.sharding import make_mesh
-from jaxlens.sites import SITES
+from jaxlens.core import interventions, reducers
+from jaxlens.core.config import ConfigError, ModelConfig
+from jaxlens.core.forward import forward
+from jaxlens.core.sharding import make_mesh
+from jaxlens.core.sites import SITES
+from jaxlens.runtime.loading import load
+from jaxlens.runtime.model import Model
 
-__all__ = ["ConfigError", "Model", "ModelConfig", "SITES", "forward", "load", "make_mesh"]
+__all__ = ["ConfigError", "Model", "ModelConfig", "SITES", "forward", "interventions", "load", "make_mesh", "reducers"]

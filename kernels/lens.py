@@ -23,7 +23,7 @@ not divide by the chunk: the remainder is folded in as one smaller chunk after t
 nothing is padded or copied.
 
 Sharded (a mesh with axes `data`, `model`): rows split over `data` (the batch), the vocabulary over
-`model` as `jaxlens.sharding` already places the unembedding; each device runs the chunk loop over
+`model` as `jaxlens.core.sharding` already places the unembedding; each device runs the chunk loop over
 its vocabulary slice and the statistics are merged across `model` with pmax/psum/all_gather. Peak
 extra memory is O(L*B*P*chunk) per device.
 
@@ -40,8 +40,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxlens.config import ModelConfig
-from jaxlens.models.transformer import make_norm, softcap
+from jaxlens.core.config import ModelConfig
+from jaxlens.core.modules import make_norm, softcap
 
 OUTPUTS = ("top_ids", "top_probs", "logsumexp", "entropy", "target_probs", "target_ranks", "set_probs", "kl")
 
@@ -352,7 +352,7 @@ def _lens(params, resid, valid, targets, token_sets, final_logits, translators, 
         out = body(**args, axis=None)
     else:
         data = "data" if B % mesh.shape["data"] == 0 else None
-        # Vocabulary over `model` when it divides (as jaxlens.sharding places the unembedding).
+        # Vocabulary over `model` when it divides (as jaxlens.core.sharding places the unembedding).
         vocab = "model" if mesh.shape["model"] > 1 and config.vocab_size % mesh.shape["model"] == 0 else None
         specs = {
             "x": P(None, data), "w": P(vocab, None) if tied else P(None, vocab),
@@ -400,7 +400,7 @@ def lens_from_tokens(params, tokens, mask=None, *, config: ModelConfig, layers=N
     translators: the tuned lens for ALL n_layers blocks ({A [n_layers, D, D], b [n_layers, D]}).
     Returns `logit_lens`'s dict plus "positions" [B, P] and "valid" [B, P]; the model's own logits
     are never computed (XLA drops the unused head of the forward)."""
-    from jaxlens.models import check_tokens
+    from jaxlens.core.forward import check_tokens
 
     tokens = jnp.asarray(tokens, jnp.int32)
     check_tokens(config, tokens)
@@ -425,7 +425,7 @@ def lens_from_tokens(params, tokens, mask=None, *, config: ModelConfig, layers=N
 @partial(jax.jit, static_argnames=("config", "layers", "mode", "k", "chunk", "tile_rows", "mesh"))
 def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, translators, *, config, layers, mode, k, chunk,
                       tile_rows, mesh):
-    from jaxlens.models import _forward
+    from jaxlens.core.forward import _forward
 
     _, sites = _forward(params, tokens, mask, config, ("resid_post",))
     index, valid = _positions(mask, mode if mode is not None else positions)

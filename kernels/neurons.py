@@ -1,6 +1,6 @@
 """Streaming neuron statistics: per (group, neuron) counts and moments, reduced inside the forward.
 
-`NeuronStats` is a reducer for `jaxlens.models.forward(..., reducers={"neurons": r})`: the
+`NeuronStats` is a reducer for `jaxlens.core.forward.forward(..., reducers={"neurons": r})`: the
 decoder calls it inside each scanned layer with that layer's `mlp_act` x [B, T, F], and stacks
 what it returns over layers, so only [L, K, F] per batch ever leaves the program, never
 [L, B, T, F]. A group is usually a language: `groups` [B, K] says which group each sequence

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 import jaxlens
-from jaxlens import evaluation as ev
+from jaxlens.methods import evaluation as ev
 
 directory = sys.argv[1]
 assert jax.device_count() == 8, jax.devices()

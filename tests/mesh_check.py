@@ -36,7 +36,7 @@ print(f"max abs diff 1 vs 8 devices (relative to scale): {diff:.3g}")
 assert diff < 1e-5, diff
 
 # Interventions, one and a vmapped stack of them, give the same numbers sharded as on one device.
-from jaxlens import interventions as iv  # noqa: E402
+from jaxlens.core import interventions as iv  # noqa: E402
 
 D, F, L = sharded.config.d_model, sharded.config.d_ff, sharded.config.n_layers
 rng = np.random.default_rng(1)

@@ -32,7 +32,7 @@ for k in ("active", "tokens", "max"):
 print("kernel: counts equal on 1 and 8 devices")
 
 if len(sys.argv) > 1:  # the whole collection, through the forward pass, on a checkpoint
-    from jaxlens import neurons as N
+    from jaxlens.methods import neurons as N
 
     class ByteTokenizer:
         def encode(self, text, add_special_tokens=False):

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 import jaxlens
-from jaxlens import neurons as N
+from jaxlens.methods import neurons as N
 
 
 class ByteTokenizer:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlens.data import XCOPA_LANGS, xcopa
+from jaxlens.data.xcopa import XCOPA_LANGS, xcopa
 
 
 def xcopa_texts(items_per_lang: int = 1) -> list[str]:
@@ -30,7 +30,7 @@ def compare(alias: str, texts: list[str]) -> dict:
     from transformers import AutoModelForCausalLM
 
     import jaxlens
-    from jaxlens.zoo import resolve_model
+    from jaxlens.runtime.zoo import resolve_model
 
     path = Path(resolve_model(alias))
     model = jaxlens.load(path)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlens.models import _forward, init_params
+from jaxlens.core.forward import _forward, init_params
 from jaxlens.converters.families import config_from_hf
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxlens
-from jaxlens.config import ConfigError
+from jaxlens.core.config import ConfigError
 from jaxlens.converters import CheckpointError, load_checkpoint
 from jaxlens.converters.safetensors_io import SafetensorsFile
 
@@ -161,7 +161,7 @@ def test_family_options_we_cannot_run_are_refused(tiny_checkpoint, model_type, c
 
 
 def test_unknown_switch_value_is_refused():
-    from jaxlens.config import ModelConfig
+    from jaxlens.core.config import ModelConfig
 
     sizes = dict(family="x", vocab_size=8, d_model=8, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=4, d_ff=8,
                  max_positions=8)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxlens import evaluation as ev
+from jaxlens.methods import evaluation as ev
 
 ITEMS = [  # short: the tiny tokenizer spends many tokens per word and tiny_checkpoint has 64 positions
     ev.Item("1", "en", "The man.", ("Water.", "The toilet."), 1, "effect"),
@@ -235,7 +235,7 @@ def test_jsonl_reads_letters_and_limits(tmp_path):
 def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
     from jaxlens.cli import main
     from jaxlens.commands import eval as eval_cmd
-    from jaxlens.io import read_arrays
+    from jaxlens.report.io import read_arrays
 
     _, _, directory = tiny
     data = tmp_path / "mc.jsonl"

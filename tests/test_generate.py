@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from conftest import _COMMON, TINY_CONFIGS
-from jaxlens import interventions as iv
+from jaxlens.core import interventions as iv
 from jaxlens.converters.families import config_from_hf
-from jaxlens.evaluation import bucket
-from jaxlens.generate import generate, generate_text
-from jaxlens.states import left_padded
-from jaxlens.models import forward, forward_cached, init_params
+from jaxlens.methods.evaluation import bucket
+from jaxlens.methods.generate import generate, generate_text
+from jaxlens.methods.states import left_padded
+from jaxlens.core.forward import forward, forward_cached, init_params
 
 # A sliding window shorter than prompt + generation (Gemma 3), ALiBi (BLOOM), learned positions (GPT-2).
 FAMILIES = ["llama", "gemma3_text", "bloom", "gpt2"]

@@ -17,7 +17,7 @@ import pytest
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 
 from jaxlens.converters.gguf_io import GGUFError, GGUFSource, GGUFTensorNotFound
-from jaxlens.zoo import resolve_model
+from jaxlens.runtime.zoo import resolve_model
 
 TOL = 1e-6
 CONFIG_KEYS = (

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlens import interventions as iv
+from jaxlens.core import interventions as iv
 from jaxlens.converters.families import config_from_hf
-from jaxlens.models import _forward, forward, init_params
-from jaxlens.reducers import Take
+from jaxlens.core.forward import _forward, forward, init_params
+from jaxlens.core.reducers import Take
 
 L, B, T, D, F = 3, 2, 7, 32, 48
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import _COMMON, TINY_CONFIGS
-from jaxlens import interventions as iv
+from jaxlens.core import interventions as iv
 from jaxlens.converters.families import config_from_hf
-from jaxlens.models import forward, forward_cached, init_params
+from jaxlens.core.forward import forward, forward_cached, init_params
 
 # Sliding windows shorter than the prompt (Gemma 3), ALiBi (BLOOM), learned positions (GPT-2),
 # partial rotary and parallel residual (GPT-NeoX): positions and masks must continue across the

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxlens import cli
-from jaxlens.io import read_arrays
+from jaxlens.report.io import read_arrays
 
 CHARS = string.ascii_letters + string.digits + ' "-:.,?!\n' + "çé云书水中国法文"
 
@@ -69,7 +69,7 @@ WORDS = [("cloud", "nuage", "云"), ("book", "livre", "书"), ("water", "eau", "
 
 
 def test_latent_language_cli(tiny, tiny_dir, tmp_path, capsys):
-    from jaxlens.tokensets import token_set, vocab_strings
+    from jaxlens.data.tokensets import token_set, vocab_strings
 
     words = tmp_path / "words.csv"
     words.write_text("lang,word_original,word_translation\n" + "".join(
@@ -103,7 +103,7 @@ def test_latent_language_cli(tiny, tiny_dir, tmp_path, capsys):
 
 
 def test_mc_lens_cli(tiny, tiny_dir, tmp_path):
-    from jaxlens.evaluation import JSONL_TEMPLATE, Item
+    from jaxlens.methods.evaluation import JSONL_TEMPLATE, Item
 
     rows = []
     for i in range(5):
@@ -122,7 +122,7 @@ def test_mc_lens_cli(tiny, tiny_dir, tmp_path):
     assert np.all(np.abs(arrays["zh/cos_en"]) <= 1 + 1e-6) and arrays["zh/cos_en_centered"].shape == (5, L)
     assert np.all(np.abs(arrays["zh/cos_en_centered"]) <= 1 + 1e-6)
     # the correct option's probability at the last layer from the model's own logits
-    from jaxlens.tokensets import token_set, vocab_strings
+    from jaxlens.data.tokensets import token_set, vocab_strings
 
     vocab = vocab_strings(tiny.tokenizer)
     zh = [r for r in rows if r["lang"] == "zh"]
@@ -138,8 +138,8 @@ def test_mc_lens_cli(tiny, tiny_dir, tmp_path):
 
 
 def test_mc_cosine_to_itself_is_one(tiny):
-    from jaxlens.evaluation import JSONL_TEMPLATE, Item
-    from jaxlens.mc_lens import mc_lens
+    from jaxlens.methods.evaluation import JSONL_TEMPLATE, Item
+    from jaxlens.methods.mc_lens import mc_lens
 
     items = [Item(str(i), "xx", f"Q{i}?", ("a", "b"), 0) for i in range(3)]
     english = [Item(str(i), "en", f"Q{i}?", ("a", "b"), 0) for i in range(3)]
@@ -183,7 +183,7 @@ def test_lens_cli_grid(tiny, tiny_dir, tmp_path):
 
 
 def test_token_grid_renders_odd_tokens(tmp_path):
-    from jaxlens.figures import cjk_font, token_grid
+    from jaxlens.report.figures import cjk_font, token_grid
 
     assert cjk_font() is not None  # mplfonts ships Noto Sans CJK SC
     tokens = [["$$\\", "中", "\n"], ["$x$", " ", ""]]  # mathtext-like, CJK, whitespace, empty

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlens.config import ModelConfig
+from jaxlens.core.config import ModelConfig
 from jaxlens.kernels.lens import lens_from_tokens, logit_lens
 
 

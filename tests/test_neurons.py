@@ -15,7 +15,7 @@ import pytest
 
 import jaxlens
 from jaxlens import cli
-from jaxlens import neurons as N
+from jaxlens.methods import neurons as N
 
 HERE = Path(__file__).parent
 
@@ -65,7 +65,7 @@ def test_collected_counts_equal_counts_from_captured_activations(tiny, model_typ
 def test_statistics_never_store_layers_by_tokens_by_neurons():
     from jaxlens.converters.families import config_from_hf
     from jaxlens.kernels.neurons import empty_state
-    from jaxlens.models import init_params
+    from jaxlens.core.forward import init_params
 
     cfg = config_from_hf(dict(model_type="llama", hidden_size=32, intermediate_size=128, num_hidden_layers=12,
                               num_attention_heads=2, num_key_value_heads=1, vocab_size=64, max_position_embeddings=64))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlens import neurons as N
+from jaxlens.methods import neurons as N
 from jaxlens.kernels.neurons import NeuronStats, batch_stats, empty_state, update
 
 

@@ -138,7 +138,7 @@ def test_alibi_slopes_match_transformers():
     """Our numpy ALiBi slopes equal BLOOM's, powers of 2 and the interleaved rest alike."""
     from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
-    from jaxlens.models.rope import alibi_slopes
+    from jaxlens.core.rope import alibi_slopes
 
     for n_heads in (1, 2, 3, 4, 5, 6, 8, 12, 16, 20, 32, 112):
         # float32 pow may differ in the last bit between numpy and torch

@@ -51,7 +51,7 @@ def test_every_family_config_round_trips_through_json(tiny_checkpoint):
 
     from conftest import TINY_CONFIGS
 
-    from jaxlens.config import ModelConfig
+    from jaxlens.core.config import ModelConfig
     from jaxlens.converters.families import config_from_hf
 
     for model_type in TINY_CONFIGS:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import parallel_items
-from jaxlens import evaluation as ev
-from jaxlens import interventions as iv
-from jaxlens import steer
-from jaxlens.models import forward
-from jaxlens.states import last_token_states
+from jaxlens.methods import evaluation as ev
+from jaxlens.core import interventions as iv
+from jaxlens.methods import steer
+from jaxlens.core.forward import forward
+from jaxlens.methods.states import last_token_states
 
 ITEMS = parallel_items()
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxlens.bootstrap import bootstrap_mean
-from jaxlens.prompts import language_name, translation_prompt, translation_prompts
-from jaxlens.tokensets import filter_items, padded_ids, to_masks, token_set, vocab_strings
-from jaxlens.wordlists import babel_words, read_csv
+from jaxlens.methods.bootstrap import bootstrap_mean
+from jaxlens.data.prompts import language_name, translation_prompt, translation_prompts
+from jaxlens.data.tokensets import filter_items, padded_ids, to_masks, token_set, vocab_strings
+from jaxlens.data.wordlists import babel_words, read_csv
 
 
 class FakeTokenizer:

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlens import interventions as iv
-from jaxlens import transplant as xt
-from jaxlens.states import last_states, last_token_states
+from jaxlens.core import interventions as iv
+from jaxlens.methods import transplant as xt
+from jaxlens.methods.states import last_states, last_token_states
 from jaxlens.converters.families import config_from_hf
-from jaxlens.models import forward, init_params
+from jaxlens.core.forward import forward, init_params
 
 L = 3
 
@@ -77,7 +77,7 @@ def test_a_pass_transplanted_into_itself_at_the_same_layer_changes_nothing(setup
 # ---- items: scores per pair against the evaluation harness with the transplant in a full pass ----
 
 from conftest import parallel_items  # noqa: E402
-from jaxlens import evaluation as ev  # noqa: E402
+from jaxlens.methods import evaluation as ev  # noqa: E402
 
 PARALLEL = parallel_items()
 
@@ -118,7 +118,7 @@ def test_analyse_upper_bound_unions_and_offline_pair():
 def test_generation_after_a_transplant_equals_full_passes(tiny):
     """Greedy continuations under each pair (one vmapped program on a shared prefix cache) equal
     decoding by full passes that apply the transplant at the prompt's last token each step."""
-    from jaxlens.generate import generate_text
+    from jaxlens.methods.generate import generate_text
 
     model, tokenizer, _ = tiny
     # Weights x3: the random-init tiny model's greedy tokens ignore a transplant at its init scale.

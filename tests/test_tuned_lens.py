@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxlens
-from jaxlens import tuned_lens
+from jaxlens.methods import tuned_lens
 from jaxlens.kernels.lens import lens_from_tokens
 from conftest import random_tokens
 

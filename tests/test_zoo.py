@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from jaxlens import zoo
+from jaxlens.runtime import zoo
 
 
 @pytest.fixture

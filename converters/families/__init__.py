@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxlens.config import ConfigError, ModelConfig
+from jaxlens.core.config import ConfigError, ModelConfig
 
 Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
 

@@ -4,7 +4,7 @@ biases everywhere, a plain GELU (tanh) MLP of width 4 * hidden_size.
 query_key_value fuses q, k, v per head: its rows are [N, 3, H] (each head's q, k, v together).
 """
 
-from jaxlens.config import ConfigError
+from jaxlens.core.config import ConfigError
 from jaxlens.converters.families import Family, TensorRule
 from jaxlens.converters.families.decoder import base_config, from_heads, fused_qkv, layer_norm, plain_mlp, require, same, transpose
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlens.config import ConfigError, ModelConfig, RopeConfig
+from jaxlens.core.config import ConfigError, ModelConfig, RopeConfig
 from jaxlens.converters.families import TensorRule
 
 

@@ -4,7 +4,7 @@ Its Conv1D layers store weights [in, out] (the transpose of nn.Linear), and c_at
 as [all q | all k | all v] along the output axis.
 """
 
-from jaxlens.config import ConfigError
+from jaxlens.core.config import ConfigError
 from jaxlens.converters.families import Family, TensorRule
 from jaxlens.converters.families.decoder import base_config, fused_qkv, layer_norm, require, same, transpose
 

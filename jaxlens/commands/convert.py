@@ -8,8 +8,8 @@ import time
 def run(args) -> int:
     from jaxlens.converters import load_checkpoint
     from jaxlens.converters.orbax_io import save
-    from jaxlens.loading import load_tokenizer
-    from jaxlens.zoo import resolve_model
+    from jaxlens.runtime.loading import load_tokenizer
+    from jaxlens.runtime.zoo import resolve_model
 
     src = resolve_model(args.src)
     t0 = time.perf_counter()

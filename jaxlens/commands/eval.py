@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from jaxlens.zoo import DEFAULT_MODEL
+from jaxlens.runtime.zoo import DEFAULT_MODEL
 
 
 def run(args) -> int:
@@ -20,9 +20,9 @@ def run(args) -> int:
     import numpy as np
 
     import jaxlens
-    from jaxlens import evaluation as ev
-    from jaxlens.data import XCOPA_LANGS
-    from jaxlens.io import output_dir, write_arrays, write_json
+    from jaxlens.methods import evaluation as ev
+    from jaxlens.data.xcopa import XCOPA_LANGS
+    from jaxlens.report.io import output_dir, write_arrays, write_json
 
     langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()] if args.langs else None
     if args.data == "xcopa":
@@ -101,7 +101,7 @@ def write_items_csv(path, items, scores) -> None:
 
     import numpy as np
 
-    from jaxlens.evaluation import predictions
+    from jaxlens.methods.evaluation import predictions
 
     by_method = scores.by_method()
     n_opts = max(len(i.options) for i in items)
@@ -168,8 +168,8 @@ def plot_consistency(path, result: dict) -> None:
 
 
 def write_html(path, args, summary: dict, table: str) -> None:
-    from jaxlens.evaluation import LETTERS, METHOD_NAMES, PAIR_METRICS
-    from jaxlens.report import Section, write_report
+    from jaxlens.methods.evaluation import LETTERS, METHOD_NAMES, PAIR_METRICS
+    from jaxlens.report.html import Section, write_report
 
     langs, methods = summary["languages"], list(summary["methods"])
     acc_rows = [[lang, summary["n_items"][lang]] + [summary["methods"][m]["accuracy"][lang] for m in methods]
@@ -210,7 +210,7 @@ def register(sub) -> None:
     p.add_argument("--split", default="val", help="XCOPA split: val (100 items) | test (500)")
     p.add_argument("--limit", type=int, help="first N items per language")
     p.add_argument("--methods", default="both", choices=("both", "options", "letters"), help="option log-likelihood, letter probability, or both")
-    p.add_argument("--template", help="JSON file overriding fields of the dataset's prompt template (see jaxlens.evaluation.Template)")
+    p.add_argument("--template", help="JSON file overriding fields of the dataset's prompt template (see jaxlens.methods.evaluation.Template)")
     p.add_argument("--batch-rows", type=int, default=8, help="sequences per forward (every batch has this many rows)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     p.add_argument("--out", required=True, help="output directory (written atomically)")

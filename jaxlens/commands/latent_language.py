@@ -6,14 +6,14 @@ import shlex
 import sys
 import time
 
-from jaxlens.zoo import DEFAULT_MODEL
+from jaxlens.runtime.zoo import DEFAULT_MODEL
 
 
 def run(args) -> int:
     import jaxlens
-    from jaxlens.io import output_dir
-    from jaxlens.latent import latent_language, per_layer_rows, write_outputs
-    from jaxlens.wordlists import CATEGORIES, babel_words, read_csv
+    from jaxlens.report.io import output_dir
+    from jaxlens.methods.latent import latent_language, per_layer_rows, write_outputs
+    from jaxlens.data.wordlists import CATEGORIES, babel_words, read_csv
 
     if args.source == args.target:
         raise ValueError(f"--source and --target are both {args.source!r}; give two languages")

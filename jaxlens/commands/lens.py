@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from jaxlens.zoo import DEFAULT_MODEL
+from jaxlens.runtime.zoo import DEFAULT_MODEL
 
 DEFAULT_PROMPT = 'Français: "livre" - 中文: "书"\nFrançais: "eau" - 中文: "水"\nFrançais: "nuage" - 中文: "'
 PNG_COLUMNS = 32  # the PNG shows a prompt's last 32 positions (the HTML table shows all)
@@ -93,8 +93,8 @@ def run(args) -> int:
     translators = None
     if args.lens == "tuned":
         if not args.translators:
-            raise ValueError("--lens tuned needs --translators DIR (train them: python -m jaxlens.tuned_lens --out DIR)")
-        from jaxlens import tuned_lens
+            raise ValueError("--lens tuned needs --translators DIR (train them: python -m jaxlens.methods.tuned_lens --out DIR)")
+        from jaxlens.methods import tuned_lens
 
         translators = tuned_lens.load(args.translators, model.config)
     grids = read_grid(model, prompts, k=args.top_k, batch_size=args.batch_size, progress=len(prompts) > 1,
@@ -106,7 +106,7 @@ def run(args) -> int:
         cells = "  ".join(f"{decode(i)!r} {p:.2f}" for i, p in zip(first["top_ids"][layer, -1], first["top_probs"][layer, -1]))
         print(f"  layer {layer:>2}: {cells}")
     if args.out and args.out.endswith(".json") and not args.prompts:  # the original one-file output
-        from jaxlens.io import write_json
+        from jaxlens.report.io import write_json
 
         rows = [{"layer": layer, "top": [{"token": decode(i), "id": int(i), "prob": float(p)}
                                           for i, p in zip(first["top_ids"][layer, -1], first["top_probs"][layer, -1])]}
@@ -121,9 +121,9 @@ def run(args) -> int:
 def write_outputs(args, model, prompts, grids, decode) -> None:
     import numpy as np
 
-    from jaxlens.figures import token_grid
-    from jaxlens.io import output_dir, write_arrays, write_json
-    from jaxlens.report import Section, write_report
+    from jaxlens.report.figures import token_grid
+    from jaxlens.report.io import output_dir, write_arrays, write_json
+    from jaxlens.report.html import Section, write_report
 
     with output_dir(args.out, overwrite=args.overwrite) as tmp:
         arrays, records, sections = {}, [], []
@@ -154,7 +154,7 @@ def register(sub) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to read (default: a French->Chinese translation prompt)")
     p.add_argument("--prompts", help=r"file of prompts: one per line (\n for a newline), or .jsonl strings / {prompt}")
     p.add_argument("--lens", choices=("logit", "tuned"), default="logit", help="the plain logit lens, or tuned-lens translators")
-    p.add_argument("--translators", help="with --lens tuned: a directory written by `python -m jaxlens.tuned_lens`")
+    p.add_argument("--translators", help="with --lens tuned: a directory written by `python -m jaxlens.methods.tuned_lens`")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from jaxlens.zoo import DEFAULT_MODEL
+from jaxlens.runtime.zoo import DEFAULT_MODEL
 
 
 def load_items(args):
     """-> (by_lang, english, template) for `mc_lens` from --xcopa or --items."""
-    from jaxlens import evaluation as ev
+    from jaxlens.methods import evaluation as ev
 
     def cap(items):
         return items[: args.max_items] if args.max_items else items
@@ -37,10 +37,10 @@ def run(args) -> int:
     import numpy as np
 
     import jaxlens
-    from jaxlens.figures import layer_curves
-    from jaxlens.io import output_dir, write_arrays, write_json
-    from jaxlens.mc_lens import mc_lens, summary_rows
-    from jaxlens.report import Section, write_report
+    from jaxlens.report.figures import layer_curves
+    from jaxlens.report.io import output_dir, write_arrays, write_json
+    from jaxlens.methods.mc_lens import mc_lens, summary_rows
+    from jaxlens.report.html import Section, write_report
 
     by_lang, english, template = load_items(args)
     if args.template:

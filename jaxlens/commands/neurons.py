@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from jaxlens.zoo import DEFAULT_MODEL
+from jaxlens.runtime.zoo import DEFAULT_MODEL
 
 
 def _load_model(args):
@@ -32,7 +32,7 @@ def _load_model(args):
 
 
 def _corpus(args, split):
-    from jaxlens import neurons as N
+    from jaxlens.methods import neurons as N
 
     return N.parse_corpus_args(args.corpus) if args.corpus else N.default_corpus(split)
 
@@ -93,9 +93,9 @@ def _heatmap(path, matrix, rows, cols, title: str, label: str):
 
 
 def run_stats(args) -> int:
-    from jaxlens import neurons as N
-    from jaxlens.io import output_dir, write_json
-    from jaxlens.report import Section, write_report
+    from jaxlens.methods import neurons as N
+    from jaxlens.report.io import output_dir, write_json
+    from jaxlens.report.html import Section, write_report
 
     out = Path(args.out).absolute()
     if out.exists() and not args.overwrite:
@@ -136,9 +136,9 @@ def run_stats(args) -> int:
 def run_lape(args) -> int:
     import numpy as np
 
-    from jaxlens import neurons as N
-    from jaxlens.io import output_dir, write_arrays, write_json
-    from jaxlens.report import Section, write_report
+    from jaxlens.methods import neurons as N
+    from jaxlens.report.io import output_dir, write_arrays, write_json
+    from jaxlens.report.html import Section, write_report
 
     state, meta = N.load_stats(args.stats)
     langs = meta["languages"]
@@ -179,9 +179,9 @@ def _layer_table(langs, per_layer, union) -> str:
 def run_classify(args) -> int:
     import numpy as np
 
-    from jaxlens import neurons as N
-    from jaxlens.io import output_dir, write_arrays, write_json
-    from jaxlens.report import Section, write_report
+    from jaxlens.methods import neurons as N
+    from jaxlens.report.io import output_dir, write_arrays, write_json
+    from jaxlens.report.html import Section, write_report
 
     state, meta = N.load_stats(args.stats)
     langs = meta["languages"]
@@ -220,8 +220,8 @@ def run_classify(args) -> int:
 def load_neuron_sets(path) -> tuple[list[str], "object", dict]:
     """(languages, mask [K, L, F], {class: [L, F] bool}) from a `lape` or `classify` output
     directory or its .npz (the class sets only from `classify`)."""
-    from jaxlens import neurons as N
-    from jaxlens.io import read_arrays
+    from jaxlens.methods import neurons as N
+    from jaxlens.report.io import read_arrays
 
     path = Path(path)
     if path.is_dir():
@@ -238,9 +238,9 @@ def load_neuron_sets(path) -> tuple[list[str], "object", dict]:
 def run_deactivate(args) -> int:
     import numpy as np
 
-    from jaxlens import neurons as N
-    from jaxlens.io import output_dir, write_arrays, write_json
-    from jaxlens.report import Section, write_report
+    from jaxlens.methods import neurons as N
+    from jaxlens.report.io import output_dir, write_arrays, write_json
+    from jaxlens.report.html import Section, write_report
 
     langs, masks, _ = load_neuron_sets(args.neurons)
     corpus = _corpus(args, "val")
@@ -286,9 +286,9 @@ def run_deactivate(args) -> int:
 
 
 def run_compare(args) -> int:
-    from jaxlens import neurons as N
-    from jaxlens.io import output_dir, write_json
-    from jaxlens.report import Section, write_report
+    from jaxlens.methods import neurons as N
+    from jaxlens.report.io import output_dir, write_json
+    from jaxlens.report.html import Section, write_report
 
     (la, ma, ca), (lb, mb, cb) = load_neuron_sets(args.a), load_neuron_sets(args.b)
     a, b = {**dict(zip(la, ma)), **ca}, {**dict(zip(lb, mb)), **cb}

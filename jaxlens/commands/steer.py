@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from jaxlens.zoo import DEFAULT_MODEL
+from jaxlens.runtime.zoo import DEFAULT_MODEL
 
 
 def _ints(text):
@@ -23,10 +23,10 @@ def _ints(text):
 def run(args) -> int:
 
     import jaxlens
-    from jaxlens import evaluation as ev
-    from jaxlens import steer
-    from jaxlens.io import output_dir, write_arrays, write_json
-    from jaxlens.report import Section, write_report
+    from jaxlens.methods import evaluation as ev
+    from jaxlens.methods import steer
+    from jaxlens.report.io import output_dir, write_arrays, write_json
+    from jaxlens.report.html import Section, write_report
 
     langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
     alphas = [float(x) for x in args.alphas.split(",") if x.strip()]
@@ -83,7 +83,7 @@ def run(args) -> int:
 def plot_changes(path, result: dict, layers, alphas) -> None:
     import numpy as np
 
-    from jaxlens.figures import heatmaps
+    from jaxlens.report.figures import heatmaps
 
     panels = []
     for lang in result["best"]:

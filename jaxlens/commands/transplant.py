@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import time
 
-from jaxlens.zoo import DEFAULT_MODEL
+from jaxlens.runtime.zoo import DEFAULT_MODEL
 
 
 def run(args) -> int:
     import numpy as np
 
     import jaxlens
-    from jaxlens import evaluation as ev
-    from jaxlens import transplant as xt
-    from jaxlens.io import output_dir, write_arrays, write_json, write_jsonl
-    from jaxlens.report import Section, write_report
+    from jaxlens.methods import evaluation as ev
+    from jaxlens.methods import transplant as xt
+    from jaxlens.report.io import output_dir, write_arrays, write_json, write_jsonl
+    from jaxlens.report.html import Section, write_report
 
     langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
     if args.data == "xcopa":
@@ -111,9 +111,9 @@ def generate_after(model, items, template, args, given: tuple[int, int] | None) 
     pair, or `--pair`)."""
     import numpy as np
 
-    from jaxlens import transplant as xt
-    from jaxlens.evaluation import LETTERS
-    from jaxlens.generate import generate_text
+    from jaxlens.methods import transplant as xt
+    from jaxlens.methods.evaluation import LETTERS
+    from jaxlens.methods.generate import generate_text
 
     L = model.config.n_layers
     t0 = time.perf_counter()
@@ -138,7 +138,7 @@ def generate_after(model, items, template, args, given: tuple[int, int] | None) 
 
 
 def plot_heatmaps(path, result: dict) -> None:
-    from jaxlens.figures import heatmaps
+    from jaxlens.report.figures import heatmaps
 
     panels = [(f"{lang}: clean {r['clean']:.2f}, upper bound {r['upper_bound']:.2f}", r["pair_accuracy"])
               for lang, r in result.items()]

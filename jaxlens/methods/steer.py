@@ -4,7 +4,7 @@ Language vector of language xx at layer l: v_l = mean h_l(en) - mean h_l(xx), th
 (`resid_post`) at the last prompt token, averaged over parallel prompts. Steering adds α·v_l to
 layer l's output, at every position of the prompt (`positions="all"`) or only at its last token
 (`"last"`: then each grid point re-runs only the scored positions on a shared KV cache). A grid
-of (layer, α) points runs as one program per batch (`jaxlens.sweep`): each row gets its own
+of (layer, α) points runs as one program per batch (`jaxlens.methods.sweep`): each row gets its own
 language's vector, English rows a zero one.
 """
 
@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens import interventions as iv
-from jaxlens.evaluation import Item, Scores, Template, evaluate
-from jaxlens.states import last_token_states
-from jaxlens.sweep import sweep_scores
+from jaxlens.core import interventions as iv
+from jaxlens.methods.evaluation import Item, Scores, Template, evaluate
+from jaxlens.methods.states import last_token_states
+from jaxlens.methods.sweep import sweep_scores
 
 SITE = "resid_post"
 

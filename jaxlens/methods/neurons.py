@@ -96,7 +96,7 @@ def parse_corpus_args(specs: Sequence[str]) -> dict[str, Corpus]:
 def default_corpus(split: str = "test", english: bool = True) -> dict[str, Corpus]:
     """XCOPA per language (premise + both choices as one document); `en`: the English translation
     (XCOPA's data-gmt) of the Italian items. split="test" for statistics, "val" held out."""
-    from jaxlens.data import XCOPA_LANGS, xcopa, xcopa_dir
+    from jaxlens.data.xcopa import XCOPA_LANGS, xcopa, xcopa_dir
 
     out = {}
     for lang in XCOPA_LANGS:
@@ -226,7 +226,7 @@ def collect(model, batches: Batches, checkpoint_dir=None, save_every: int = 50, 
     from tqdm import tqdm
 
     from jaxlens.kernels.neurons import empty_state
-    from jaxlens.sharding import batch_sharding
+    from jaxlens.core.sharding import batch_sharding
 
     cfg, K = model.config, len(batches.languages)
     step = _stats_step(cfg, with_max)
@@ -275,7 +275,7 @@ def _stats_step(cfg, with_max: bool):
     import jax
 
     from jaxlens.kernels.neurons import NeuronStats, update
-    from jaxlens.models import forward
+    from jaxlens.core.forward import forward
 
     key = (cfg, with_max)
     if key not in _STEPS:
@@ -290,13 +290,13 @@ def _stats_step(cfg, with_max: bool):
 
 def save_stats(path, state: dict, meta: dict) -> Path:
     """One .npz: the accumulators plus `meta` (JSON text: model, languages, corpus hashes, counts)."""
-    from jaxlens.io import write_arrays
+    from jaxlens.report.io import write_arrays
 
     return write_arrays(path, **state, meta=np.array(json.dumps(meta, ensure_ascii=False)))
 
 
 def load_stats(path) -> tuple[dict, dict]:
-    from jaxlens.io import read_arrays
+    from jaxlens.report.io import read_arrays
 
     path = Path(path)
     if path.is_dir():
@@ -499,7 +499,7 @@ def perplexity(model, batches: Batches, ablate: np.ndarray | None = None, progre
     import jax
     from tqdm import tqdm
 
-    from jaxlens.sharding import batch_sharding
+    from jaxlens.core.sharding import batch_sharding
 
     cfg = model.config
     ablate = np.zeros((cfg.n_layers, cfg.d_ff), bool) if ablate is None else np.asarray(ablate, bool)
@@ -539,8 +539,8 @@ def _nll_step(cfg):
 
 def _ablated_forward(params, tokens, mask, cfg, ablate):
     """forward with the neurons in `ablate` [L, F] zeroed at mlp_act (a per-layer intervention)."""
-    from jaxlens import interventions as iv
-    from jaxlens.models import forward
+    from jaxlens.core import interventions as iv
+    from jaxlens.core.forward import forward
 
     return forward(params, tokens, mask, config=cfg, interventions=iv.ablate("mlp_act", neurons=ablate))
 

@@ -1,7 +1,7 @@
 """Score multiple-choice items under many interventions at once (steering grids, transplant pairs).
 
 A *stack* is P interventions of one kind with a leading [P] axis (`interventions.stack`, or a
-constructor under `jax.vmap`). Per batch of rows (`jaxlens.evaluation.make_batches`), one jitted
+constructor under `jax.vmap`). Per batch of rows (`jaxlens.methods.evaluation.make_batches`), one jitted
 program runs all P, `jax.vmap`ped over chunks of the stack and `lax.map`ped over the chunks, and
 reduces each one's logits to scores right away: the [P, rows, positions, vocab] logits never
 exist, so a 262k vocabulary and hundreds of points fit in memory.
@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens.config import ModelConfig
-from jaxlens.evaluation import (
+from jaxlens.core.config import ModelConfig
+from jaxlens.methods.evaluation import (
     Batch, Item, Scores, Template, continuation_logprob, letter_logprobs, letter_rows, letter_table, make_batches,
     option_rows, set_letter_scores, set_option_scores,
 )
-from jaxlens.models import forward, forward_cached, unembed
+from jaxlens.core.forward import forward, forward_cached, unembed
 
 
 def score_letters(logits, args):

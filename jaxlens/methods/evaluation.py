@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens.data import XCOPA_LANGS, xcopa
+from jaxlens.data.xcopa import XCOPA_LANGS, xcopa
 
 # ---------------------------------------------------------------------------------------------
 # Items
@@ -395,10 +395,10 @@ def model_forward(model, *, tail: int | None = None, interventions: Any = None) 
     Only the last K positions are unembedded: K = `tail` if given, else the batch's own need
     (`batch.tail`) when the scorer passes the batch, else all T. The full [R, T, V] logits are
     then never formed (with Gemma's 262k vocabulary the unembedding is most of the cost).
-    `interventions` is passed through to `jaxlens.models.forward` when given. The batch goes over
+    `interventions` is passed through to `jaxlens.core.forward.forward` when given. The batch goes over
     the mesh's `data` axis.
     """
-    from jaxlens.sharding import batch_sharding
+    from jaxlens.core.sharding import batch_sharding
 
     extra = {} if interventions is None else {"interventions": interventions}
 
@@ -413,7 +413,7 @@ def model_forward(model, *, tail: int | None = None, interventions: Any = None) 
 
 @partial(jax.jit, static_argnames=("config", "tail"))
 def _tail_logits(params, tokens, mask, extra, config, tail):
-    from jaxlens.models import forward, unembed
+    from jaxlens.core.forward import forward, unembed
 
     logits, sites = forward(params, tokens, mask, config=config, capture=("final_norm",), **extra)
     if tail is None:

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens.config import ModelConfig
-from jaxlens.models import forward
-from jaxlens.tokensets import padded_ids
+from jaxlens.core.config import ModelConfig
+from jaxlens.core.forward import forward
+from jaxlens.data.tokensets import padded_ids
 
 
 @partial(jax.jit, static_argnames=("config", "keep_resid", "mesh"))
@@ -70,7 +70,7 @@ def read_last_token(
     """prompts[i] and its token sets sets[i] (S of them, the same S for every prompt) -> Readout."""
     from tqdm.auto import tqdm
 
-    from jaxlens.sharding import batch_sharding
+    from jaxlens.core.sharding import batch_sharding
 
     if len(prompts) != len(sets) or not prompts:
         raise ValueError(f"need one list of token sets per prompt and at least one prompt; got {len(prompts)} prompts, {len(sets)} set lists")

@@ -12,7 +12,7 @@ XCOPA_LANGS = ("et", "ht", "id", "it", "qu", "sw", "ta", "th", "tr", "vi", "zh")
 def xcopa_dir() -> Path:
     """$JAXLENS_XCOPA, else shared/data/xcopa beside the repo checkout."""
     env = os.environ.get("JAXLENS_XCOPA")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "xcopa"
+    path = Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "xcopa"
     if not (path / "data").is_dir():
         raise FileNotFoundError(f"XCOPA not found at {path}; set JAXLENS_XCOPA to the xcopa directory")
     return path

@@ -1,6 +1,6 @@
 """`Model`: a loaded checkpoint (config, params, tokenizer, mesh) with text-in conveniences.
 
-Everything here is a thin layer over the pure `jaxlens.models.forward`; probes that need full
+Everything here is a thin layer over the pure `jaxlens.core.forward.forward`; probes that need full
 control call that directly with `model.params` and `model.config`.
 """
 
@@ -13,9 +13,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxlens.config import ModelConfig
-from jaxlens.models import forward
-from jaxlens.sharding import batch_sharding, default_mesh
+from jaxlens.core.config import ModelConfig
+from jaxlens.core.forward import forward
+from jaxlens.core.sharding import batch_sharding, default_mesh
 
 
 @dataclasses.dataclass

@@ -1,11 +1,11 @@
 """Interventions: pure pytrees of arrays, applied at sites inside the scanned layers.
 
-    from jaxlens import interventions as iv
+    from jaxlens.core import interventions as iv
     steer = iv.add("resid_post", v, alpha=4.0, layers=[10, 11], positions=iv.last_token(mask))
     knock = iv.ablate("mlp_act", neurons=lang_mask)            # [L, F] bool: zero those neurons
     logits, _ = forward(params, tokens, mask, config=cfg, interventions=steer | knock)
 
-An intervention says WHERE (a site of `jaxlens.sites.LAYER_SITES`, a set of layers, positions, and
+An intervention says WHERE (a site of `jaxlens.core.sites.LAYER_SITES`, a set of layers, positions, and
 optionally features = the last axis, e.g. neurons) and WHAT (an op on the site's value x [B, T, F]):
 
   add        x + alpha * vector                       vector [F], [B, F] or [B, T, F]
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxlens.sites import LAYER_SITES
+from jaxlens.core.sites import LAYER_SITES
 
 INTERVENABLE_SITES = tuple(s for s in LAYER_SITES if s != "attn_probs")
 OPS = ("add", "scale", "set", "project_out", "project_onto")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlens.config import ModelConfig
+from jaxlens.core.config import ModelConfig
 from jaxlens.kernels.lens import logits_of
 
 META_FILE = "tuned_lens.json"
@@ -67,7 +67,7 @@ def kl_per_layer(translators, params, resid, logp_final, weights, config: ModelC
 
 @partial(jax.jit, static_argnames=("config", "opt"))
 def _step(translators, opt_state, params, tokens, mask, *, config: ModelConfig, opt):
-    from jaxlens.models import _forward
+    from jaxlens.core.forward import _forward
 
     logits, sites = _forward(params, tokens, mask, config, ("resid_post",))
     L, B, T, D = sites["resid_post"].shape
@@ -104,7 +104,7 @@ def pack(model, texts, batch: int, length: int, limit_tokens: int | None = None)
 
 def default_texts(split: str = "test") -> list[str]:
     """XCOPA premises and both choices, all 11 languages, interleaved (one language after another)."""
-    from jaxlens.data import XCOPA_LANGS, xcopa
+    from jaxlens.data.xcopa import XCOPA_LANGS, xcopa
 
     per_lang = [[t for item in xcopa(lang, split) for t in (item["premise"], item["choice1"], item["choice2"])] for lang in XCOPA_LANGS]
     return [text for group in zip(*per_lang) for text in group]
@@ -113,7 +113,7 @@ def default_texts(split: str = "test") -> list[str]:
 @partial(jax.jit, static_argnames=("config",))
 def _moments(params, tokens, weights, *, config: ModelConfig):
     """Sums for the least-squares fit of h_L from [h_l, 1]: X^T X [L, D+1, D+1], X^T Y [L, D+1, D]."""
-    from jaxlens.models import _forward
+    from jaxlens.core.forward import _forward
 
     _, sites = _forward(params, tokens, jnp.ones_like(tokens), config, ("resid_post",))
     resid = sites["resid_post"].astype(jnp.float32)  # [L, B, T, D]
@@ -203,7 +203,7 @@ def save(out, translators, *, model_name: str | None = None, config: ModelConfig
     OUT.partial and renamed into place (a failed save leaves nothing)."""
     import orbax.checkpoint as ocp
 
-    from jaxlens.io import output_dir
+    from jaxlens.report.io import output_dir
 
     with output_dir(out) as tmp:
         with ocp.StandardCheckpointer() as ckpt:
@@ -220,7 +220,7 @@ def load(directory, config: ModelConfig | None = None) -> dict:
 
     directory = Path(directory).absolute()
     if not (directory / META_FILE).exists():
-        raise FileNotFoundError(f"{directory} is not a tuned lens (no {META_FILE}); train one with jaxlens.tuned_lens.train/save")
+        raise FileNotFoundError(f"{directory} is not a tuned lens (no {META_FILE}); train one with jaxlens.methods.tuned_lens.train/save")
     meta = json.loads((directory / META_FILE).read_text())
     if config is not None and (meta["n_layers"], meta["d_model"]) != (config.n_layers, config.d_model):
         raise ValueError(
@@ -234,12 +234,12 @@ def load(directory, config: ModelConfig | None = None) -> dict:
 
 
 def main(argv=None) -> int:
-    """python -m jaxlens.tuned_lens --model gemma3-270m --out DIR: fit the linear shortcut, then SGD
+    """python -m jaxlens.methods.tuned_lens --model gemma3-270m --out DIR: fit the linear shortcut, then SGD
     on the KL; print and save the per-layer KL on held-out XCOPA (val) text, logit vs tuned lens."""
     import argparse
 
     import jaxlens
-    from jaxlens.io import write_json
+    from jaxlens.report.io import write_json
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--model", default="gemma3-270m")

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens import interventions as iv
-from jaxlens.config import ModelConfig
-from jaxlens.models import KVCache, forward_cached
-from jaxlens.states import left_padded
+from jaxlens.core import interventions as iv
+from jaxlens.core.config import ModelConfig
+from jaxlens.core.forward import KVCache, forward_cached
+from jaxlens.methods.states import left_padded
 
 
 def generate(params, tokens, mask=None, *, config: ModelConfig, max_new_tokens: int, interventions=None,

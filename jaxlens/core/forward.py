@@ -6,11 +6,11 @@
 `params` is the pytree a converter produced, `tokens` [B, T] int32, `attention_mask` [B, T]
 (1 = real token, 0 = padding; left or right padding). Positions are counted from the mask, so
 each sequence of a padded batch gives what it gives alone. `sites` maps each captured site name to
-its array (shapes in `jaxlens.sites`). `config` and `capture` are static: a new capture set
+its array (shapes in `jaxlens.core.sites`). `config` and `capture` are static: a new capture set
 compiles once, new params or tokens of the same shape do not recompile.
 
-`interventions` (`jaxlens.interventions`) change site values inside the scanned layers; `reducers`
-(`jaxlens.reducers`, {name: reducer}) summarise a site inside each layer, so `sites[name]` holds
+`interventions` (`jaxlens.core.interventions`) change site values inside the scanned layers; `reducers`
+(`jaxlens.core.reducers`, {name: reducer}) summarise a site inside each layer, so `sites[name]` holds
 the per-layer summaries stacked [L, ...] and the full [L, B, T, ...] value is never stored. Both
 are pytrees of arrays: new values reuse the compiled program, and both can be `jax.vmap`ped.
 """
@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxlens.config import ModelConfig
-from jaxlens.models.rope import rope_tables
-from jaxlens.models.transformer import REDUCED, REDUCED_PREFIX, Transformer, unembed
-from jaxlens.sites import LAYER_SITES, SITES, check_sites
+from jaxlens.core.config import ModelConfig
+from jaxlens.core.rope import rope_tables
+from jaxlens.core.modules import REDUCED, REDUCED_PREFIX, Transformer, unembed
+from jaxlens.core.sites import LAYER_SITES, SITES, check_sites
 
 __all__ = ["KVCache", "forward", "forward_cached", "init_params", "param_shapes", "Transformer", "unembed"]
 

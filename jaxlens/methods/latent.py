@@ -20,10 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxlens.bootstrap import bootstrap_mean
-from jaxlens.prompts import language_name, translation_prompts
-from jaxlens.readout import read_last_token
-from jaxlens.tokensets import filter_items, vocab_strings
+from jaxlens.methods.bootstrap import bootstrap_mean
+from jaxlens.data.prompts import language_name, translation_prompts
+from jaxlens.methods.readout import read_last_token
+from jaxlens.data.tokensets import filter_items, vocab_strings
 
 
 @dataclasses.dataclass
@@ -96,9 +96,9 @@ def per_layer_rows(result: LatentResult) -> tuple[list[str], list[list]]:
 
 def write_outputs(result: LatentResult, out: Path, model_name: str, command: str = "") -> list[str]:
     """latent.csv, latent.json, latent.npz, latent.png and index.html into `out` (an existing dir)."""
-    from jaxlens.figures import layer_curves
-    from jaxlens.io import write_arrays, write_json
-    from jaxlens.report import Section, write_report
+    from jaxlens.report.figures import layer_curves
+    from jaxlens.report.io import write_arrays, write_json
+    from jaxlens.report.html import Section, write_report
 
     out = Path(out)
     src, tgt = result.source, result.target

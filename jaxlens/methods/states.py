@@ -9,10 +9,10 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens import interventions as iv
-from jaxlens.config import ModelConfig
-from jaxlens.models import forward
-from jaxlens.reducers import Take
+from jaxlens.core import interventions as iv
+from jaxlens.core.config import ModelConfig
+from jaxlens.core.forward import forward
+from jaxlens.core.reducers import Take
 
 
 def last_states(params, tokens, mask, *, config: ModelConfig, site: str = "resid_post") -> jnp.ndarray:
@@ -40,7 +40,7 @@ def left_padded(model, texts: Sequence[str], rows: int, room: int = 0):
     bucketed length T (`evaluation.bucket`; at most max_positions - room, where `room` tokens will
     follow) so batches of different prompt lengths share a few compiled programs, plus one-token
     padding rows up to `rows`."""
-    from jaxlens.evaluation import bucket
+    from jaxlens.methods.evaluation import bucket
 
     tokens, mask = model.encode(list(texts))
     T = max(tokens.shape[1], min(bucket(tokens.shape[1]), model.config.max_positions - room))

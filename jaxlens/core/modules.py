@@ -3,7 +3,7 @@
 Why linen and not NNX: `nn.scan` stacks the layers once (compile time flat in depth), and
 `apply(..., mutable=[site, ...])` turns on exactly the `sow` calls a caller names: a site that is
 not asked for is never written, so capturing nothing costs nothing. The public surface is the pure
-function `forward(params, tokens, mask, config=..., capture=...)` in `jaxlens.models`.
+function `forward(params, tokens, mask, config=..., capture=...)` in `jaxlens.core.forward`.
 
 Axis letters in comments: B batch, T query tokens, S key tokens, D d_model, N q heads,
 K kv heads, G q heads per kv head, H head_dim, F d_ff, V vocab, L layers.
@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens.config import ModelConfig
-from jaxlens.interventions import apply_at
-from jaxlens.models.rope import alibi_slopes, apply_rope
-from jaxlens.sites import LAYER_SITES
+from jaxlens.core.config import ModelConfig
+from jaxlens.core.interventions import apply_at
+from jaxlens.core.rope import alibi_slopes, apply_rope
+from jaxlens.core.sites import LAYER_SITES
 
 # Reducer outputs go to their own collection, under "reducer:<name>" (never a site or module name).
 REDUCED = "reduced"
@@ -45,8 +45,8 @@ class SiteContext(NamedTuple):
 
     layer: jnp.ndarray  # int32 scalar: this layer's index
     mask: jnp.ndarray  # [B, T] attention mask (1 = real token)
-    interventions: Any  # None, an Intervention or a Compose (jaxlens.interventions)
-    reducers: dict  # {name: reducer}; see jaxlens.reducers
+    interventions: Any  # None, an Intervention or a Compose (jaxlens.core.interventions)
+    reducers: dict  # {name: reducer}; see jaxlens.core.reducers
 
 
 def site(module: nn.Module, ctx: SiteContext, name: str, value: jnp.ndarray) -> jnp.ndarray:

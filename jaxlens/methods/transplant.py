@@ -6,7 +6,7 @@ one position, and attention is causal: every earlier position is the same as in 
 So the clean pass runs once over the earlier tokens (`forward_cached`), and each (i, j) pair
 re-runs only the last K positions (the last prompt token and what is scored after it) on top of
 that cache, as a `jax.vmap` over pairs, `lax.map`ped over chunks of pairs to bound memory
-(`jaxlens.sweep.run_stack`). Each pair's logits are reduced to scores inside the program, so
+(`jaxlens.methods.sweep.run_stack`). Each pair's logits are reduced to scores inside the program, so
 [pairs, rows, K, vocab] never exists.
 """
 
@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens import interventions as iv
-from jaxlens.config import ModelConfig
-from jaxlens.evaluation import Item, Template
-from jaxlens.states import last_token_states
-from jaxlens.sweep import auto_chunk, map_stack, prefix_cache, run_stack, sweep_scores
+from jaxlens.core import interventions as iv
+from jaxlens.core.config import ModelConfig
+from jaxlens.methods.evaluation import Item, Template
+from jaxlens.methods.states import last_token_states
+from jaxlens.methods.sweep import auto_chunk, map_stack, prefix_cache, run_stack, sweep_scores
 
 SITE = "mlp_out"  # the MLP's output before the residual add
 
@@ -80,7 +80,7 @@ def generate_sweep(params, tokens, mask, source, pairs, eos, *, config: ModelCon
 
     The clean pass runs once over all but the last column; each pair re-runs the last prompt token
     with its transplant on that cache (the prefill) and decodes from there (`generate.decode`)."""
-    from jaxlens.generate import decode
+    from jaxlens.methods.generate import decode
 
     cache = prefix_cache(params, tokens, mask, config=config, tail=1)
     stack = pair_stack(source, pairs, jnp.ones((tokens.shape[0], 1), bool), site)
@@ -139,8 +139,8 @@ def transplant_generations(model, items: Sequence[Item], template: Template, pai
     N x N) in one program per batch (`generate_sweep`)."""
     from tqdm import tqdm
 
-    from jaxlens.generate import check_lengths, eos_ids
-    from jaxlens.states import left_padded
+    from jaxlens.methods.generate import check_lengths, eos_ids
+    from jaxlens.methods.states import left_padded
 
     text = prompt_text(template, method)
     targets, table, row_of = source_table(model, items, text, source_lang=source_lang, batch_rows=batch_rows, site=site)
@@ -166,7 +166,7 @@ def generated_correct(items: Sequence[Item], texts: Sequence[str], method: str =
     """[N] bool: whether each generation answers its item. letters: its first non-space character is
     the answer's letter; options: of the options, it begins most like the answer's (longest common
     prefix, ignoring case and surrounding space, and longer than that of every other option)."""
-    from jaxlens.evaluation import LETTERS
+    from jaxlens.methods.evaluation import LETTERS
 
     def common(a: str, b: str) -> int:
         n = 0
@@ -207,7 +207,7 @@ def analyse(targets: Sequence[Item], scores: np.ndarray, pairs, n_layers: int, c
     pair solves it) and the unions per source and per target layer; the offline strategy: the best
     pair on the first `pilot` items (over all pairs, and into target layer 0), applied to the rest.
     """
-    from jaxlens.evaluation import predictions
+    from jaxlens.methods.evaluation import predictions
 
     answers = np.array([t.answer for t in targets])
     return analyse_correct(targets, predictions(scores) == answers, pairs, n_layers,

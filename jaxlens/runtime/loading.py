@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxlens.model import Model
-from jaxlens.sharding import default_mesh
-from jaxlens.zoo import resolve_model
+from jaxlens.runtime.model import Model
+from jaxlens.core.sharding import default_mesh
+from jaxlens.runtime.zoo import resolve_model
 
 
 def load(src, dtype="float32", mesh=None, tokenizer=None, allow_pickle: bool = False) -> Model:

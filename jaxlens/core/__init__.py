@@ -1,0 +1,1 @@
+"""The model core: config, sites, the shared decoder and `forward`, interventions, reducers, sharding rules."""

@@ -1,0 +1,1 @@
+"""Inputs the methods read: XCOPA, evaluation items and templates, word lists, token sets, prompts."""

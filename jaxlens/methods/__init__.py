@@ -1,0 +1,1 @@
+"""The probes and interventions of the papers, built on the core and the runtime."""
