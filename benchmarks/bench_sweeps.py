@@ -56,13 +56,14 @@ def setup(model_name: str, rows: int):
 
     import jaxlens
     from jaxlens.methods import evaluation as ev
+    from jaxlens.runtime.batching import make_batches
     from jaxlens.methods.states import last_token_states
 
     model = jaxlens.load(model_name)
     template = ev.XCOPA_TEMPLATE
     zh = ev.xcopa_items("zh")[:rows]
     en = {i.id: i for i in ev.xcopa_items("zh", english=True)[:rows]}
-    batch = ev.make_batches(ev.letter_rows(zh, model.tokenizer, template), rows, model.config.pad_token_id or 0)[0]
+    batch = make_batches(ev.letter_rows(zh, model.tokenizer, template), rows, model.config.pad_token_id or 0)[0]
     en_texts = [template.lettered_text(en[zh[i].id]) for i in batch.item]
     zh_texts = [template.lettered_text(zh[i]) for i in batch.item]
     source = last_token_states(model, en_texts, site="mlp_out", batch_rows=rows)  # [R, L, D]

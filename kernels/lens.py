@@ -42,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlens.core.config import ModelConfig
 from jaxlens.core.modules import make_norm, softcap
+from jaxlens.core.sharding import params_mesh
 
 OUTPUTS = ("top_ids", "top_probs", "logsumexp", "entropy", "target_probs", "target_ranks", "set_probs", "kl")
 
@@ -276,15 +277,6 @@ def _lens_local(x, w, targets, sets, ref, *, tied, config, k, chunk, tile_rows, 
 # ---- the public kernel ---------------------------------------------------------------------------
 
 
-def _mesh_of(params, config) -> Mesh | None:
-    """The mesh the unembedding lives on, when it is a concrete array placed by `jaxlens.load`."""
-    w, _ = unembedding(params, config)
-    sharding = getattr(w, "sharding", None) if isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer) else None
-    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-        return sharding.mesh
-    return None
-
-
 def _check(resid, config, k, valid, targets, token_sets, final_logits, translators):
     V = config.vocab_size
     if resid.ndim != 4 or resid.shape[-1] != config.d_model:
@@ -325,7 +317,7 @@ def logit_lens(params, resid, *, config: ModelConfig, valid=None, k: int = 5, ta
     """
     _check(resid, config, k, valid, targets, token_sets, final_logits, translators)
     if mesh is None:
-        mesh = _mesh_of(params, config)
+        mesh = params_mesh(params)
     return _logit_lens(params, resid, valid, targets, token_sets, final_logits, translators,
                        config=config, k=k, chunk=chunk, tile_rows=tile_rows, mesh=mesh)
 
@@ -416,7 +408,7 @@ def lens_from_tokens(params, tokens, mask=None, *, config: ModelConfig, layers=N
     if targets is not None:
         targets = jnp.asarray(targets, jnp.int32)
     if mesh is None:
-        mesh = _mesh_of(params, config)
+        mesh = params_mesh(params)
     return _lens_from_tokens(params, tokens, mask, None if isinstance(positions, str) else positions, targets, token_sets,
                              translators, config=config, layers=layers, mode=positions if isinstance(positions, str) else None,
                              k=k, chunk=chunk, tile_rows=tile_rows, mesh=mesh)
@@ -425,9 +417,11 @@ def lens_from_tokens(params, tokens, mask=None, *, config: ModelConfig, layers=N
 @partial(jax.jit, static_argnames=("config", "layers", "mode", "k", "chunk", "tile_rows", "mesh"))
 def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, translators, *, config, layers, mode, k, chunk,
                       tile_rows, mesh):
-    from jaxlens.core.forward import _forward
+    from jaxlens.core.forward import forward
+    from jaxlens.core.sharding import constrain_batch
 
-    _, sites = _forward(params, tokens, mask, config, ("resid_post",))
+    tokens, mask = constrain_batch(mesh, tokens, mask)  # host arrays in: the batch still splits
+    _, sites = forward(params, tokens, mask, config=config, capture=("resid_post",))
     index, valid = _positions(mask, mode if mode is not None else positions)
     read = layers if layers[-1] == config.n_layers - 1 else layers + (config.n_layers - 1,)  # + the reference
     resid = sites["resid_post"][jnp.asarray(read)]  # [L', B, T, D]

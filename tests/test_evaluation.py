@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxlens.methods import evaluation as ev
+from jaxlens.runtime.batching import _BUCKETS, Row, make_batches
 
 ITEMS = [  # short: the tiny tokenizer spends many tokens per word and tiny_checkpoint has 64 positions
     ev.Item("1", "en", "The man.", ("Water.", "The toilet."), 1, "effect"),
@@ -86,10 +87,10 @@ def test_forward_fn_can_take_the_batch(tiny):
 
 
 def test_batches_have_fixed_shapes():
-    rows = [ev.Row(tuple(range(1, n)), (7, 8), i, 0) for i, n in enumerate([3, 5, 9, 20, 21, 40])]
-    batches = ev.make_batches(rows, batch_rows=4)
+    rows = [Row(tuple(range(1, n)), (7, 8), i, 0) for i, n in enumerate([3, 5, 9, 20, 21, 40])]
+    batches = make_batches(rows, batch_rows=4)
     assert all(b.tokens.shape[0] == 4 for b in batches) and sum(b.n_real for b in batches) == len(rows)
-    assert {b.tokens.shape[1] for b in batches} <= set(ev._BUCKETS)
+    assert {b.tokens.shape[1] for b in batches} <= set(_BUCKETS)
     for b in batches:
         for j in np.flatnonzero(b.item >= 0):
             r = rows[b.item[j]]

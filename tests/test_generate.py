@@ -9,9 +9,9 @@ import pytest
 from conftest import _COMMON, TINY_CONFIGS
 from jaxlens.core import interventions as iv
 from jaxlens.converters.families import config_from_hf
-from jaxlens.methods.evaluation import bucket
+from jaxlens.runtime.batching import bucket
 from jaxlens.methods.generate import generate, generate_text
-from jaxlens.methods.states import left_padded
+from jaxlens.runtime.batching import text_batches
 from jaxlens.core.forward import forward, forward_cached, init_params
 
 # A sliding window shorter than prompt + generation (Gemma 3), ALiBi (BLOOM), learned positions (GPT-2).
@@ -121,7 +121,9 @@ def test_stops_at_eos_and_checks_lengths(model):
 def test_generate_text_and_left_padding(tiny):
     model = tiny[0]
     texts = ["the cat sat", "a much longer prompt about the cat"]
-    tokens, mask = left_padded(model, texts, rows=3)
+    batch = text_batches(model, texts, rows=3)[0]
+    tokens, mask = batch.tokens, batch.mask
+    assert batch.index.tolist() == [0, 1, -1]
     assert tokens.shape[0] == 3 and mask[:, -1].all() and mask[2].sum() == 1 and mask[0, 0] == 0
     assert tokens.shape[1] == bucket(mask[1].sum())  # widened to a bucketed length: few compiled shapes
     out = generate_text(model, texts, max_new_tokens=3, batch_rows=2)

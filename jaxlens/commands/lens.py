@@ -42,31 +42,6 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
-def read_grid(model, prompts, k: int, batch_size: int = 8, progress: bool = True, translators=None) -> list[dict]:
-    """Per prompt: input_ids [T], top_ids / top_probs [L, T, k], entropy [L, T] (the fused kernel;
-    with `translators`, the tuned lens)."""
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from jaxlens.kernels.lens import lens_from_tokens
-
-    results, n_tokens = [], 0
-    bar = tqdm(total=len(prompts), desc="lens", unit="prompt", disable=not progress)
-    for start in range(0, len(prompts), batch_size):
-        tokens, mask = model.encode(prompts[start : start + batch_size])
-        out = lens_from_tokens(model.params, tokens, mask, config=model.config, positions="all", k=k, translators=translators)
-        out = {name: np.asarray(v) for name, v in out.items()}
-        for row in range(tokens.shape[0]):
-            real = mask[row].astype(bool)  # [T]
-            results.append({"input_ids": tokens[row, real], "top_ids": out["top_ids"][:, row][:, real],
-                            "top_probs": out["top_probs"][:, row][:, real], "entropy": out["entropy"][:, row][:, real]})
-        n_tokens += int(mask.sum())
-        bar.update(tokens.shape[0])
-        bar.set_postfix(tokens_per_s=f"{n_tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
-    bar.close()
-    return results
-
-
 def grid_html(tokens, probs, columns) -> str:
     """A coloured table: one row per layer (last on top), one column per position; hover = prob."""
     L, T = probs.shape
@@ -97,7 +72,9 @@ def run(args) -> int:
         from jaxlens.methods import tuned_lens
 
         translators = tuned_lens.load(args.translators, model.config)
-    grids = read_grid(model, prompts, k=args.top_k, batch_size=args.batch_size, progress=len(prompts) > 1,
+    from jaxlens.methods.readout import lens_grid
+
+    grids = lens_grid(model, prompts, k=args.top_k, batch_size=args.batch_size, progress=len(prompts) > 1,
                       translators=translators)
     decode = lambda i: model.tokenizer.decode([int(i)])  # noqa: E731
     first = grids[0]

@@ -25,6 +25,7 @@ from flax import struct
 
 from jaxlens.core.config import ModelConfig
 from jaxlens.core.rope import rope_tables
+from jaxlens.core.sharding import constrain_batch, params_mesh
 from jaxlens.core.modules import REDUCED, REDUCED_PREFIX, Transformer, unembed
 from jaxlens.core.sites import LAYER_SITES, SITES, check_sites
 
@@ -82,9 +83,10 @@ def check_tokens(cfg: ModelConfig, tokens) -> None:
         )
 
 
-@partial(jax.jit, static_argnames=("config", "capture", "return_kv"))
+@partial(jax.jit, static_argnames=("config", "capture", "return_kv", "mesh"))
 def _forward(params, tokens, attention_mask, config: ModelConfig, capture: tuple[str, ...], interventions=None,
-             reducers=None, past: KVCache | None = None, return_kv: bool = False):
+             reducers=None, past: KVCache | None = None, return_kv: bool = False, mesh=None):
+    tokens, attention_mask = constrain_batch(mesh, tokens, attention_mask)
     shared = _shared_inputs(config, attention_mask, interventions, reducers, None if past is None else past.mask)
     mutable = [s for s in capture if s != "logits"] + ([REDUCED] if reducers else [])
     model = Transformer(config, return_kv=return_kv)
@@ -154,9 +156,13 @@ def _check_inputs(config, tokens, attention_mask):
 
 
 def forward(params, tokens, attention_mask=None, *, config: ModelConfig, capture=(), interventions=None, reducers=None):
-    """Run the model; returns (logits [B,T,V] float32, {site or reducer name: array})."""
+    """Run the model; returns (logits [B,T,V] float32, {site or reducer name: array}).
+
+    On a mesh (params placed by `jaxlens.load(..., mesh=)`) the batch is split over its data axes
+    inside the program, whether tokens arrive as host arrays or already placed."""
     tokens, attention_mask = _check_inputs(config, tokens, attention_mask)
-    return _forward(params, tokens, attention_mask, config, check_sites(capture), interventions, check_reducers(reducers))
+    return _forward(params, tokens, attention_mask, config, check_sites(capture), interventions, check_reducers(reducers),
+                    mesh=params_mesh(params))
 
 
 def forward_cached(params, tokens, attention_mask=None, *, config: ModelConfig, past: KVCache | None = None,
@@ -172,7 +178,7 @@ def forward_cached(params, tokens, attention_mask=None, *, config: ModelConfig, 
         if past.mask.shape[1] + tokens.shape[1] > config.max_positions:
             raise ValueError(f"past ({past.mask.shape[1]}) + new ({tokens.shape[1]}) tokens exceed max_positions={config.max_positions}")
     return _forward(params, tokens, attention_mask, config, check_sites(capture), interventions,
-                    check_reducers(reducers), past, return_kv=True)
+                    check_reducers(reducers), past, return_kv=True, mesh=params_mesh(params))
 
 
 def init_params(config: ModelConfig, key, dtype=jnp.float32):

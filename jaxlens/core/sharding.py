@@ -64,9 +64,40 @@ def params_shardings(shapes, mesh: Mesh):
     )
 
 
+DATA_AXES = ("data",)  # the mesh axes a batch is split over
+
+
+def data_size(mesh: Mesh) -> int:
+    """How many ways a batch splits on `mesh` (the product of its data axes)."""
+    return int(np.prod([mesh.shape[a] for a in DATA_AXES if a in mesh.shape]))
+
+
+def batch_spec(mesh: Mesh, batch: int) -> P:
+    """[B, ...] split over the data axes when they divide the batch, else replicated."""
+    axes = tuple(a for a in DATA_AXES if a in mesh.shape)
+    return P(axes if len(axes) > 1 else axes[0]) if axes and batch % data_size(mesh) == 0 else P()
+
+
 def batch_sharding(mesh: Mesh, batch: int) -> NamedSharding:
-    """[B, ...] inputs split over `data` when it divides the batch, else replicated."""
-    return NamedSharding(mesh, P("data") if batch % mesh.shape["data"] == 0 else P())
+    return NamedSharding(mesh, batch_spec(mesh, batch))
+
+
+def params_mesh(params) -> Mesh | None:
+    """The mesh a params pytree was placed on, or None (one device, host arrays, or traced)."""
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) else None
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+        return None
+    return None
+
+
+def constrain_batch(mesh: Mesh | None, *arrays):
+    """Inside jit: [B, ...] arrays split over `mesh`'s data axes, so a caller who passes host arrays
+    gets the batch split too (the compiler places the inputs accordingly)."""
+    if mesh is None or data_size(mesh) == 1:
+        return arrays
+    return tuple(jax.lax.with_sharding_constraint(a, batch_sharding(mesh, a.shape[0])) for a in arrays)
 
 
 def path_str(key_path) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import math
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.data.xcopa import XCOPA_LANGS, xcopa
+from jaxlens.runtime.batching import Batch, Row, make_batches
 
 # ---------------------------------------------------------------------------------------------
 # Items
@@ -211,20 +211,6 @@ def _encode(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=special))
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One sequence to run: context ids + continuation ids (empty for letter rows)."""
-
-    context: tuple[int, ...]
-    continuation: tuple[int, ...]
-    item: int  # index into the items list
-    option: int  # option index (letter rows: -1)
-
-    @property
-    def length(self) -> int:
-        return len(self.context) + len(self.continuation)
-
-
 def option_rows(items: Sequence[Item], tokenizer, template: Template) -> list[Row]:
     """One row per (item, option). Context (with the tokenizer's BOS) and option are tokenized
     separately and concatenated, so every option is scored on the same context ids whatever
@@ -273,78 +259,6 @@ def letter_token_ids(tokenizer, template: Template, n_letters: int) -> list[list
     if len(flat) != len(set(flat)):
         raise ValueError(f"letter token ids overlap between letters: {ids}")
     return ids
-
-
-_BUCKETS = tuple(sorted({int(16 * 2 ** (k / 2)) // 8 * 8 for k in range(20)}))  # 16, 32, 40, 64, 88, 128, 176, 256, ...
-
-
-def bucket(n: int) -> int:
-    """The padded length for n tokens: steps of about sqrt(2), multiples of 8 (few programs, <= ~1.4x waste)."""
-    for b in _BUCKETS:
-        if b >= n:
-            return b
-    return int(math.ceil(n / 512) * 512)
-
-
-@dataclasses.dataclass
-class Batch:
-    """Rows right-aligned (left padding) into one fixed shape; padding rows have item -1."""
-
-    tokens: np.ndarray  # [R, T] int32
-    mask: np.ndarray  # [R, T] int32, 1 = real token
-    target: np.ndarray  # [R, T] bool, the continuation tokens scored
-    item: np.ndarray  # [R] int, -1 for padding rows
-    option: np.ndarray  # [R] int
-    prompt_last: np.ndarray  # [R] int, position of the last context token (where a transplant lands)
-
-    @property
-    def n_real(self) -> int:
-        return int((self.item >= 0).sum())
-
-    @property
-    def tail(self) -> int:
-        """How many final positions' logits scoring reads: the longest continuation + 1, bucketed
-        (letter batches: 1), capped at T."""
-        longest = int(self.target.sum(-1).max())
-        return 1 if longest == 0 else min(bucket(longest + 1), self.tokens.shape[1])
-
-
-def make_batches(rows: Sequence[Row], batch_rows: int, pad_id: int = 0, max_length: int | None = None) -> list[Batch]:
-    """Rows sorted by length, grouped `batch_rows` at a time, each group padded to `bucket(longest)`
-    (at most `max_length`, the model's positions).
-
-    Every batch has exactly `batch_rows` rows (the last is filled with one-token padding rows), so
-    a run compiles once per length bucket, not once per item.
-    """
-    if batch_rows < 1:
-        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
-    order = sorted(range(len(rows)), key=lambda r: rows[r].length)
-    if max_length is not None and rows and rows[order[-1]].length > max_length:
-        r = rows[order[-1]]
-        raise ValueError(f"item {r.item} (option {r.option}) is {r.length} tokens, longer than the model's "
-                         f"{max_length} positions; shorten it or its template")
-    batches = []
-    for start in range(0, len(order), batch_rows):
-        group = [rows[r] for r in order[start : start + batch_rows]]
-        T = bucket(max(r.length for r in group))
-        T = min(T, max_length) if max_length else T
-        tokens = np.full((batch_rows, T), pad_id, np.int32)
-        mask = np.zeros((batch_rows, T), np.int32)
-        target = np.zeros((batch_rows, T), bool)
-        item = np.full(batch_rows, -1)
-        option = np.full(batch_rows, -1)
-        prompt_last = np.full(batch_rows, T - 1)
-        mask[len(group) :, -1] = 1  # padding rows: one token, so no row is empty
-        for j, r in enumerate(group):
-            ids = r.context + r.continuation
-            tokens[j, T - len(ids) :] = ids
-            mask[j, T - len(ids) :] = 1
-            if r.continuation:
-                target[j, T - len(r.continuation) :] = True
-            item[j], option[j] = r.item, r.option
-            prompt_last[j] = T - len(r.continuation) - 1
-        batches.append(Batch(tokens, mask, target, item, option, prompt_last))
-    return batches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,14 +312,10 @@ def model_forward(model, *, tail: int | None = None, interventions: Any = None) 
     `interventions` is passed through to `jaxlens.core.forward.forward` when given. The batch goes over
     the mesh's `data` axis.
     """
-    from jaxlens.core.sharding import batch_sharding
-
     extra = {} if interventions is None else {"interventions": interventions}
 
     def forward_fn(tokens, mask, batch: Batch | None = None):
         keep = tail if tail is not None else (batch.tail if batch is not None else None)
-        sharding = batch_sharding(model.mesh, tokens.shape[0])
-        tokens, mask = jax.device_put((np.asarray(tokens, np.int32), np.asarray(mask, np.int32)), sharding)
         return _tail_logits(model.params, tokens, mask, extra, config=model.config, tail=keep)
 
     return forward_fn
@@ -478,22 +388,27 @@ def score_items(items: Sequence[Item], tokenizer, forward_fn: Callable | None = 
         raise ValueError("give forward_fn or model")
     if not items:
         raise ValueError("no items to score")
+    from jaxlens.core.sharding import default_mesh
+    from jaxlens.runtime.placement import batch_rows as rows_for
+
     n_opts = max(len(item.options) for item in items)
     config = getattr(model, "config", None)
     pad_id = getattr(config, "pad_token_id", None) or 0
     max_length = getattr(config, "max_positions", None)
+    mesh = getattr(model, "mesh", None) or default_mesh()
+    batch_rows = rows_for(mesh, batch_rows)
     scores = Scores()
     if "options" in methods:
         rows = option_rows(items, tokenizer, template)
         fn = forward_fn or model_forward(model)
-        values = _run(make_batches(rows, batch_rows, pad_id, max_length), fn, _score_options, "option log-likelihood", progress)
+        values = _run(make_batches(rows, batch_rows, pad_id, max_length), fn, _score_options, "option log-likelihood", progress, mesh)
         set_option_scores(scores, values, items)
     if "letters" in methods:
         table = letter_table(tokenizer, template, n_opts)
         fn = forward_fn or model_forward(model)
         n_options = np.array([len(item.options) for item in items])
         values = _run(make_batches(letter_rows(items, tokenizer, template), batch_rows, pad_id, max_length), fn,
-                      partial(_score_letters, table=table, n_options=n_options), "letter probability", progress)
+                      partial(_score_letters, table=table, n_options=n_options), "letter probability", progress, mesh)
         set_letter_scores(scores, values, items)
     return scores
 
@@ -539,36 +454,20 @@ def _score_letters(batch: Batch, logits, table, n_options):
     return letter_logprobs(logits[..., -1, :], table, rows_n)
 
 
-def _run(batches: list[Batch], forward_fn, score_fn, label: str, progress: bool):
-    """forward_fn then score_fn on each batch, with a progress bar in tokens/s.
-
-    Results are read back one batch behind, so the device runs batch n+1 while the host waits
-    for batch n."""
-    from tqdm import tqdm
+def _run(batches: list[Batch], forward_fn, score_fn, label: str, progress: bool, mesh):
+    """forward_fn then score_fn on each batch (placed over the mesh, read back one batch behind)."""
+    from jaxlens.runtime.loop import run
 
     try:
         wants_batch = "batch" in inspect.signature(forward_fn).parameters
     except (TypeError, ValueError):  # builtins and some C callables have no signature
         wants_batch = False
-    out = []
-    bar = tqdm(total=sum(int(b.mask[b.item >= 0].sum()) for b in batches), desc=label, unit="tok",
-               unit_scale=True, disable=not progress, leave=False)
 
-    def finish(b, result):
-        out.append((b, jax.tree.map(lambda x: np.asarray(x, np.float64), result)))
-        bar.update(int(b.mask[b.item >= 0].sum()))
+    def step(b, tokens, mask):
+        return score_fn(b, forward_fn(tokens, mask, batch=b) if wants_batch else forward_fn(tokens, mask))
 
-    pending = None
-    for b in batches:
-        logits = forward_fn(b.tokens, b.mask, batch=b) if wants_batch else forward_fn(b.tokens, b.mask)
-        result = score_fn(b, logits)
-        if pending is not None:
-            finish(*pending)
-        pending = (b, result)
-    if pending is not None:
-        finish(*pending)
-    bar.close()
-    return out
+    return [(b, jax.tree.map(lambda x: np.asarray(x, np.float64), out))
+            for b, out in run(batches, step, mesh=mesh, inputs=lambda b: (b.tokens, b.mask), desc=label, progress=progress)]
 
 
 def scatter_rows(values, N: int, n_opts: int | None, per_option: bool = False):

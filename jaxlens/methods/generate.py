@@ -21,7 +21,7 @@ import numpy as np
 from jaxlens.core import interventions as iv
 from jaxlens.core.config import ModelConfig
 from jaxlens.core.forward import KVCache, forward_cached
-from jaxlens.methods.states import left_padded
+from jaxlens.core.sharding import constrain_batch, params_mesh
 
 
 def generate(params, tokens, mask=None, *, config: ModelConfig, max_new_tokens: int, interventions=None,
@@ -36,7 +36,7 @@ def generate(params, tokens, mask=None, *, config: ModelConfig, max_new_tokens: 
     mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
     check_lengths(config, (0 if past is None else past.mask.shape[1]) + tokens.shape[1], max_new_tokens)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    return decode(params, tokens, mask, interventions, eos, past, config, max_new_tokens)
+    return decode(params, tokens, mask, interventions, eos, past, config, max_new_tokens, params_mesh(params))
 
 
 def check_lengths(config: ModelConfig, prompt_length: int, max_new_tokens: int) -> None:
@@ -48,9 +48,11 @@ def check_lengths(config: ModelConfig, prompt_length: int, max_new_tokens: int) 
                          f"model's max_positions={config.max_positions}; shorten the prompt or generate fewer tokens")
 
 
-@partial(jax.jit, static_argnums=(6, 7))
-def decode(params, tokens, mask, interventions, eos, past, config: ModelConfig, max_new_tokens: int):
-    """`generate` without the checks, for use inside other programs (eos: [E] int32 ids, -1 for none)."""
+@partial(jax.jit, static_argnums=(6, 7, 8))
+def decode(params, tokens, mask, interventions, eos, past, config: ModelConfig, max_new_tokens: int, mesh=None):
+    """`generate` without the checks, for use inside other programs (eos: [E] int32 ids, -1 for none;
+    mesh: split the batch over its data axes, for callers that pass host arrays)."""
+    tokens, mask = constrain_batch(mesh, tokens, mask)
     B = tokens.shape[0]
     logits, _, cache = forward_cached(params, tokens, mask, config=config, interventions=interventions, past=past)
     T = cache.mask.shape[1]  # earlier + these tokens: the first free slot
@@ -84,17 +86,23 @@ def eos_ids(tokenizer) -> list[int]:
 
 
 def generate_text(model, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_rows: int = 8,
-                  interventions=None) -> list[str]:
-    """Greedy continuations of the prompts (text), in fixed-size batches. `interventions` is None or a
-    function (tokens, mask, rows) -> interventions for that batch (rows: the prompts' indices)."""
+                  interventions=None, progress: bool = False) -> list[str]:
+    """Greedy continuations of the prompts (text), in fixed-size batches over the mesh. `interventions`
+    is None or a function (tokens, mask, rows) -> interventions for that batch (rows: the prompts' indices)."""
+    from jaxlens.runtime.batching import text_batches
+    from jaxlens.runtime.loop import stream
+    from jaxlens.runtime.placement import batch_rows as rows_for
+
     eos = eos_ids(model.tokenizer)
+    batches = text_batches(model, prompts, rows_for(model.mesh, batch_rows), room=max_new_tokens)
+
+    def step(b, tokens, mask):
+        made = None if interventions is None else interventions(b.tokens, b.mask, b.index[: b.n_real])
+        return generate(model.params, tokens, mask, config=model.config, max_new_tokens=max_new_tokens,
+                        interventions=made, eos_ids=eos)
+
     out = []
-    for start in range(0, len(prompts), batch_rows):
-        rows = np.arange(start, min(start + batch_rows, len(prompts)))
-        tokens, mask = left_padded(model, [prompts[r] for r in rows], batch_rows, room=max_new_tokens)
-        made = None if interventions is None else interventions(tokens, mask, rows)
-        new, lengths = generate(model.params, tokens, mask, config=model.config, max_new_tokens=max_new_tokens,
-                                interventions=made, eos_ids=eos)
-        new, lengths = np.asarray(new), np.asarray(lengths)
-        out += [model.tokenizer.decode(new[r, : lengths[r]], skip_special_tokens=True) for r in range(len(rows))]
+    for b, (new, lengths) in stream(batches, step, mesh=model.mesh, inputs=lambda b: (b.tokens, b.mask),
+                                    desc="generate", progress=progress):
+        out += [model.tokenizer.decode(new[r, : lengths[r]], skip_special_tokens=True) for r in range(b.n_real)]
     return out

@@ -208,63 +208,54 @@ def make_batches(model, corpus: dict[str, Corpus], seq_len: int = 128, batch_siz
 # Statistics: the streaming collection, checkpointed with orbax
 
 
-def _fingerprint(meta: dict) -> str:
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def collect(model, batches: Batches, checkpoint_dir=None, save_every: int = 50, with_max: bool = False,
             on_batch: Callable[[int], None] | None = None, run_meta: dict | None = None, progress: bool = True) -> dict:
     """Run every batch through the forward with the NeuronStats reducer; accumulate on device.
 
     With `checkpoint_dir`, the accumulators are saved (orbax) every `save_every` batches and at the
     end; a run started again with the same inputs resumes after the last save and ends with
-    bit-identical statistics. `on_batch(i)` is called after batch i is added. Returns numpy
+    bit-identical statistics. `on_batch(i)` is called after batch i is dispatched. Returns numpy
     {active, tokens, sum, sumsq[, max]} ([L, K, F], tokens [L, K]).
     """
-    import jax
-    import orbax.checkpoint as ocp
-    from tqdm import tqdm
-
     from jaxlens.kernels.neurons import empty_state
-    from jaxlens.core.sharding import batch_sharding
+    from jaxlens.runtime.loop import Checkpoint, accumulate
 
     cfg, K = model.config, len(batches.languages)
     step = _stats_step(cfg, with_max)
-    state = empty_state(cfg.n_layers, K, cfg.d_ff, with_max)
-    meta = {"fingerprint": _fingerprint({
-        "run": run_meta or {}, "languages": batches.languages, "shape": list(batches.tokens.shape), "with_max": with_max,
-        "tokens": hashlib.sha256(batches.tokens.tobytes() + batches.weights.tobytes()).hexdigest()})}
-    start, manager = 0, None
+    checkpoint = None
     if checkpoint_dir is not None:
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-        manager = ocp.CheckpointManager(Path(checkpoint_dir).absolute(), options=options)
-        last = manager.latest_step()
-        if last is not None:
-            saved = manager.restore(last, args=ocp.args.Composite(state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
-            if saved.meta["fingerprint"] != meta["fingerprint"]:
-                raise ValueError(f"checkpoint {checkpoint_dir} belongs to a different run (model, corpus or settings); "
-                                 "remove it or choose another --checkpoint directory")
-            state, start = saved.state, last
-            print(f"resuming from {checkpoint_dir}: {start} of {len(batches)} batches done")
+        run = {"run": run_meta or {}, "languages": batches.languages, "shape": list(batches.tokens.shape), "with_max": with_max,
+               "tokens": hashlib.sha256(batches.tokens.tobytes() + batches.weights.tobytes()).hexdigest()}
+        checkpoint = Checkpoint(Path(checkpoint_dir), run, every=save_every)
+    views = [_BatchView(batches, i) for i in range(len(batches))]
+    return accumulate(views, lambda v, state, *inputs: step(model.params, state, *inputs),
+                      empty_state(cfg.n_layers, K, cfg.d_ff, with_max), mesh=model.mesh,
+                      inputs=lambda v: (v.tokens, v.mask, v.weights, v.groups), checkpoint=checkpoint,
+                      on_batch=on_batch, desc="neuron stats", progress=progress, size=lambda v: int(v.weights.sum()))
 
-    sharding = batch_sharding(model.mesh, batches.tokens.shape[1])
-    weighted = batches.weights.sum(axis=(1, 2))  # counted tokens per batch, for the progress bar
-    bar = tqdm(total=int(weighted.sum()), initial=int(weighted[:start].sum()), unit="tok", unit_scale=True,
-               desc="neuron stats", disable=not progress)
-    for i in range(start, len(batches)):
-        inputs = jax.device_put((batches.tokens[i], batches.mask[i], batches.weights[i], batches.groups(i)), sharding)
-        state = jax.block_until_ready(step(model.params, state, *inputs))  # an honest tokens/s
-        bar.update(int(weighted[i]))
-        done = i + 1
-        if manager is not None and (done % save_every == 0 or done == len(batches)):
-            manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-            manager.wait_until_finished()
-        if on_batch is not None:
-            on_batch(i)
-    bar.close()
-    if manager is not None:
-        manager.close()
-    return {k: np.asarray(v) for k, v in state.items()}
+
+@dataclasses.dataclass
+class _BatchView:
+    """Batch i of `Batches` as the runtime loop reads it."""
+
+    batches: Batches
+    i: int
+
+    @property
+    def tokens(self):
+        return self.batches.tokens[self.i]
+
+    @property
+    def mask(self):
+        return self.batches.mask[self.i]
+
+    @property
+    def weights(self):
+        return self.batches.weights[self.i]
+
+    @property
+    def groups(self):
+        return self.batches.groups(self.i)
 
 
 _STEPS: dict = {}
@@ -496,25 +487,22 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[dict]:
 def perplexity(model, batches: Batches, ablate: np.ndarray | None = None, progress: bool = False) -> dict[str, float]:
     """exp(mean next-token NLL) per language over counted target tokens; `ablate` [L, F] bool
     zeroes those neurons (mlp_act) in every layer."""
-    import jax
-    from tqdm import tqdm
-
-    from jaxlens.core.sharding import batch_sharding
+    from jaxlens.runtime.loop import stream
 
     cfg = model.config
     ablate = np.zeros((cfg.n_layers, cfg.d_ff), bool) if ablate is None else np.asarray(ablate, bool)
     if ablate.shape != (cfg.n_layers, cfg.d_ff):
         raise ValueError(f"neuron mask shape {ablate.shape} != (n_layers, d_ff) = {(cfg.n_layers, cfg.d_ff)}")
-    sharding = batch_sharding(model.mesh, batches.tokens.shape[1])
     step = _nll_step(cfg)
     K = len(batches.languages)
     nll, count = np.zeros(K), np.zeros(K)
-    for i in tqdm(range(len(batches)), desc="perplexity", disable=not progress):
-        inputs = jax.device_put((batches.tokens[i], batches.mask[i], batches.weights[i]), sharding)
-        row_nll, row_count = (np.asarray(a, np.float64) for a in step(model.params, *inputs, ablate))
-        g = batches.groups(i)  # [B, K]
-        nll += row_nll @ g
-        count += row_count @ g
+    views = [_BatchView(batches, i) for i in range(len(batches))]
+    for view, (row_nll, row_count) in stream(views, lambda v, *inputs: step(model.params, *inputs, ablate), mesh=model.mesh,
+                                             inputs=lambda v: (v.tokens, v.mask, v.weights), desc="perplexity",
+                                             progress=progress, size=lambda v: int(v.weights.sum())):
+        g = view.groups  # [B, K]
+        nll += np.asarray(row_nll, np.float64) @ g
+        count += np.asarray(row_count, np.float64) @ g
     return {lang: float(np.exp(nll[k] / count[k])) for k, lang in enumerate(batches.languages)}
 
 

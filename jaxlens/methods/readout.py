@@ -54,10 +54,6 @@ class Readout:
     resid: np.ndarray | None = None
 
 
-def _bucket(length: int, step: int = 16) -> int:
-    return -(-length // step) * step
-
-
 def read_last_token(
     model,
     prompts: Sequence[str],
@@ -68,9 +64,9 @@ def read_last_token(
     desc: str = "lens",
 ) -> Readout:
     """prompts[i] and its token sets sets[i] (S of them, the same S for every prompt) -> Readout."""
-    from tqdm.auto import tqdm
-
-    from jaxlens.core.sharding import batch_sharding
+    from jaxlens.runtime.batching import text_batches
+    from jaxlens.runtime.loop import stream
+    from jaxlens.runtime.placement import batch_rows as rows_for
 
     if len(prompts) != len(sets) or not prompts:
         raise ValueError(f"need one list of token sets per prompt and at least one prompt; got {len(prompts)} prompts, {len(sets)} set lists")
@@ -82,30 +78,39 @@ def read_last_token(
     n = flat_ids.shape[1]
     ids = flat_ids.reshape(len(prompts), S * n)  # each prompt's sets side by side
     weights = flat_w.reshape(len(prompts), S, n)
-    batch_size = max(1, min(batch_size, len(prompts)))
+    batches = text_batches(model, prompts, rows_for(model.mesh, min(batch_size, len(prompts))))
+    targets = lambda b: ids[np.maximum(b.index, 0)][:, None, :]  # [B, 1, S*n]; padding rows: any, dropped  # noqa: E731
+    step = lambda b, tokens, mask, tg: _last_token_lens(  # noqa: E731
+        model.params, tokens, mask, tg, config=model.config, keep_resid=keep_resid, mesh=model.mesh)
     parts: dict[str, list] = {}
-    n_tokens = 0
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        real = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - real)  # fixed batch: no recompile on the last one
-        tokens, mask = model.encode(chunk)
-        T = min(_bucket(tokens.shape[1]), model.config.max_positions)
-        pad = T - tokens.shape[1]
-        tokens = np.pad(tokens, ((0, 0), (pad, 0)), constant_values=model.config.pad_token_id or 0)
-        mask = np.pad(mask, ((0, 0), (pad, 0)))
-        targets = ids[start : start + batch_size]
-        targets = np.concatenate([targets, np.repeat(targets[-1:], batch_size - real, 0)])[:, None, :]  # [B, 1, S*n]
-        placed = jax.device_put((tokens, mask, targets), batch_sharding(model.mesh, batch_size))
-        out = jax.device_get(_last_token_lens(model.params, *placed, config=model.config, keep_resid=keep_resid, mesh=model.mesh))
+    for b, out in stream(batches, step, mesh=model.mesh, inputs=lambda b: (b.tokens, b.mask, targets(b)), desc=desc,
+                         progress=progress):
         for key, value in out.items():
-            parts.setdefault(key, []).append(np.moveaxis(value, 1, 0)[:real])  # [real, L, ...]
-        n_tokens += int(mask[:real].sum())  # real tokens only, not padding
-        bar.update(real)
-        bar.set_postfix(tokens_per_s=f"{n_tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
-    bar.close()
+            parts.setdefault(key, []).append(np.moveaxis(value, 1, 0)[: b.n_real])  # [real, L, ...]
     got = {k: np.concatenate(v) for k, v in parts.items()}
     probs = got["target_probs"].reshape(len(prompts), -1, S, n)  # [N, L, S, n]
     set_probs = np.einsum("nlsk,nsk->nls", probs, weights)
     return Readout(set_probs, got["entropy"], got["top1"], got.get("resid"))
+
+
+def lens_grid(model, prompts: Sequence[str], k: int, batch_size: int = 8, progress: bool = True, translators=None) -> list[dict]:
+    """Per prompt: input_ids [T], top_ids / top_probs [L, T, k], entropy [L, T] at every position
+    (the fused kernel; with `translators`, the tuned lens), in bucketed batches over the mesh."""
+    from jaxlens.kernels.lens import lens_from_tokens
+    from jaxlens.runtime.batching import text_batches
+    from jaxlens.runtime.loop import stream
+    from jaxlens.runtime.placement import batch_rows as rows_for
+
+    batches = text_batches(model, prompts, rows_for(model.mesh, min(batch_size, len(prompts))))
+    keep = ("top_ids", "top_probs", "entropy")
+
+    def step(b, tokens, mask):
+        out = lens_from_tokens(model.params, tokens, mask, config=model.config, positions="all", k=k, translators=translators)
+        return {name: out[name] for name in keep}
+
+    results = []
+    for b, out in stream(batches, step, mesh=model.mesh, inputs=lambda b: (b.tokens, b.mask), desc="lens", progress=progress):
+        for row in range(b.n_real):
+            real = b.mask[row].astype(bool)  # [T]
+            results.append({"input_ids": b.tokens[row, real], **{name: out[name][:, row][:, real] for name in keep}})
+    return results

@@ -22,30 +22,16 @@ def last_states(params, tokens, mask, *, config: ModelConfig, site: str = "resid
     return jnp.swapaxes(sites["last"][:, :, 0], 0, 1)  # [L, B, 1, D] -> [B, L, D]
 
 
-def last_token_states(model, texts: Sequence[str], *, site: str = "resid_post", batch_rows: int = 8) -> np.ndarray:
-    """[N, L, D] for texts (encoded with the tokenizer's special tokens), in fixed-size batches with
-    left padding to the batch's longest (padding rows: one token), so few programs compile."""
-    if not texts:
-        raise ValueError("no texts to read states from")
-    out = []
-    for start in range(0, len(texts), batch_rows):
-        chunk = texts[start : start + batch_rows]
-        tokens, mask = left_padded(model, chunk, batch_rows)
-        out.append(np.asarray(last_states(model.params, tokens, mask, config=model.config, site=site))[: len(chunk)])
+def last_token_states(model, texts: Sequence[str], *, site: str = "resid_post", batch_rows: int = 8,
+                      progress: bool = False) -> np.ndarray:
+    """[N, L, D] for texts (encoded with the tokenizer's special tokens), in fixed-size batches
+    (`runtime.batching.text_batches`: bucketed lengths, so few programs compile) over the mesh."""
+    from jaxlens.runtime.batching import text_batches
+    from jaxlens.runtime.loop import stream
+    from jaxlens.runtime.placement import batch_rows as rows_for
+
+    batches = text_batches(model, texts, rows_for(model.mesh, batch_rows))
+    step = lambda b, tokens, mask: last_states(model.params, tokens, mask, config=model.config, site=site)  # noqa: E731
+    out = [states[: b.n_real] for b, states in stream(batches, step, mesh=model.mesh, inputs=lambda b: (b.tokens, b.mask),
+                                                       desc="states", progress=progress)]
     return np.concatenate(out)
-
-
-def left_padded(model, texts: Sequence[str], rows: int, room: int = 0):
-    """(tokens, mask) [rows, T] int32: `model.encode` (left padding), widened on the left to a
-    bucketed length T (`evaluation.bucket`; at most max_positions - room, where `room` tokens will
-    follow) so batches of different prompt lengths share a few compiled programs, plus one-token
-    padding rows up to `rows`."""
-    from jaxlens.methods.evaluation import bucket
-
-    tokens, mask = model.encode(list(texts))
-    T = max(tokens.shape[1], min(bucket(tokens.shape[1]), model.config.max_positions - room))
-    out_tokens, out_mask = np.zeros((rows, T), np.int32), np.zeros((rows, T), np.int32)
-    out_tokens[: len(tokens), T - tokens.shape[1] :] = tokens
-    out_mask[: len(mask), T - mask.shape[1] :] = mask
-    out_mask[len(mask) :, -1] = 1
-    return out_tokens, out_mask

@@ -1,7 +1,7 @@
 """Score multiple-choice items under many interventions at once (steering grids, transplant pairs).
 
 A *stack* is P interventions of one kind with a leading [P] axis (`interventions.stack`, or a
-constructor under `jax.vmap`). Per batch of rows (`jaxlens.methods.evaluation.make_batches`), one jitted
+constructor under `jax.vmap`). Per batch of rows (`jaxlens.runtime.batching.make_batches`), one jitted
 program runs all P, `jax.vmap`ped over chunks of the stack and `lax.map`ped over the chunks, and
 reduces each one's logits to scores right away: the [P, rows, positions, vocab] logits never
 exist, so a 262k vocabulary and hundreds of points fit in memory.
@@ -24,9 +24,10 @@ import numpy as np
 
 from jaxlens.core.config import ModelConfig
 from jaxlens.methods.evaluation import (
-    Batch, Item, Scores, Template, continuation_logprob, letter_logprobs, letter_rows, letter_table, make_batches,
-    option_rows, set_letter_scores, set_option_scores,
+    Item, Scores, Template, continuation_logprob, letter_logprobs, letter_rows, letter_table, option_rows,
+    set_letter_scores, set_option_scores,
 )
+from jaxlens.runtime.batching import Batch, make_batches
 from jaxlens.core.forward import forward, forward_cached, unembed
 
 
@@ -103,11 +104,13 @@ def sweep_scores(model, items: Sequence[Item], template: Template, build: Callab
     `tail` columns when tail_only, else all T. methods: "letters" and/or "options" (as in
     `evaluation.score_items`).
     """
-    from tqdm import tqdm
+    from jaxlens.runtime.loop import stream
+    from jaxlens.runtime.placement import batch_rows as rows_for
 
     tokenizer, config = model.tokenizer, model.config
     n_opts = max(len(item.options) for item in items)
     pad_id = config.pad_token_id or 0
+    batch_rows = rows_for(model.mesh, batch_rows)
     scores = Scores()
     for method in methods:
         if method == "letters":
@@ -118,18 +121,18 @@ def sweep_scores(model, items: Sequence[Item], template: Template, build: Callab
             rows = option_rows(items, tokenizer, template)
         else:
             raise ValueError(f"unknown scoring method {method!r}; use letters, options")
-        values = []
-        for batch in tqdm(make_batches(rows, batch_rows, pad_id, config.max_positions), desc=f"sweep ({method})",
-                          disable=not progress, leave=False):
+
+        def step(batch, tokens, mask, target):
             tail = batch.tail
             if method == "letters":
-                args = (table, np.where(batch.item >= 0, n_options[np.maximum(batch.item, 0)], 1))
-                score = score_letters
+                args, score = (table, np.where(batch.item >= 0, n_options[np.maximum(batch.item, 0)], 1)), score_letters
             else:
-                args, score = (batch.tokens, batch.target), score_options
-            out = run_stack(model.params, batch.tokens, batch.mask, build(batch, tail), args, config=config, tail=tail,
-                            score=score, tail_only=tail_only, chunk=chunk)
-            values.append((batch, jax.tree.map(np.asarray, out)))
+                args, score = (tokens, target), score_options
+            return run_stack(model.params, tokens, mask, build(batch, tail), args, config=config, tail=tail,
+                             score=score, tail_only=tail_only, chunk=chunk)
+
+        values = list(stream(make_batches(rows, batch_rows, pad_id, config.max_positions), step, mesh=model.mesh,
+                             inputs=lambda b: (b.tokens, b.mask, b.target), desc=f"sweep ({method})", progress=progress))
         if method == "letters":
             set_letter_scores(scores, values, items)
         else:

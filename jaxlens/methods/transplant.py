@@ -137,27 +137,33 @@ def transplant_generations(model, items: Sequence[Item], template: Template, pai
     parallel source item's MLP output of layer i (at its last prompt token) in place of layer j's at
     the target's last prompt token, in the prefill only (METHODS.md §4); every pair (default: all
     N x N) in one program per batch (`generate_sweep`)."""
-    from tqdm import tqdm
-
     from jaxlens.methods.generate import check_lengths, eos_ids
-    from jaxlens.methods.states import left_padded
+    from jaxlens.runtime.batching import text_batches
+    from jaxlens.runtime.loop import stream
+    from jaxlens.runtime.placement import batch_rows as rows_for, put_replicated
 
     text = prompt_text(template, method)
     targets, table, row_of = source_table(model, items, text, source_lang=source_lang, batch_rows=batch_rows, site=site)
     pairs = all_pairs(model.config.n_layers) if pairs is None else np.asarray(pairs, np.int32).reshape(-1, 2)
-    eos = jnp.asarray(eos_ids(model.tokenizer) or [-1], jnp.int32)
+    eos = put_replicated(model.mesh, np.asarray(eos_ids(model.tokenizer) or [-1], np.int32))
+    placed_pairs = put_replicated(model.mesh, pairs)
     texts = [[""] * len(targets) for _ in pairs]
-    for start in tqdm(range(0, len(targets), batch_rows), desc="generate (pairs)", disable=not progress, leave=False):
-        rows = np.arange(start, min(start + batch_rows, len(targets)))
-        tokens, mask = left_padded(model, [text(targets[r]) for r in rows], batch_rows, room=max_new_tokens)
-        check_lengths(model.config, tokens.shape[1], max_new_tokens)
-        source = np.zeros((batch_rows, *table.shape[1:]), table.dtype)
-        source[: len(rows)] = table[row_of[rows]]
-        new, lengths = jax.tree.map(np.asarray, generate_sweep(
-            model.params, tokens, mask, source, pairs, eos, config=model.config, max_new_tokens=max_new_tokens,
-            chunk=chunk, site=site))
+    batches = text_batches(model, [text(t) for t in targets], rows_for(model.mesh, batch_rows), room=max_new_tokens)
+    for b in batches:
+        check_lengths(model.config, b.tokens.shape[1], max_new_tokens)
+
+    def sources(b):
+        source = np.zeros((len(b.index), *table.shape[1:]), table.dtype)
+        source[: b.n_real] = table[row_of[b.index[: b.n_real]]]
+        return source
+
+    step = lambda b, tokens, mask, source: generate_sweep(  # noqa: E731
+        model.params, tokens, mask, source, placed_pairs, eos, config=model.config, max_new_tokens=max_new_tokens,
+        chunk=chunk, site=site)
+    for b, (new, lengths) in stream(batches, step, mesh=model.mesh, inputs=lambda b: (b.tokens, b.mask, sources(b)),
+                                    desc="generate (pairs)", progress=progress):
         for p in range(len(pairs)):
-            for k, r in enumerate(rows):
+            for k, r in enumerate(b.index[: b.n_real]):
                 texts[p][r] = model.tokenizer.decode(new[p, k, : lengths[p, k]], skip_special_tokens=True)
     return targets, pairs, texts
 

@@ -67,9 +67,9 @@ def kl_per_layer(translators, params, resid, logp_final, weights, config: ModelC
 
 @partial(jax.jit, static_argnames=("config", "opt"))
 def _step(translators, opt_state, params, tokens, mask, *, config: ModelConfig, opt):
-    from jaxlens.core.forward import _forward
+    from jaxlens.core.forward import forward
 
-    logits, sites = _forward(params, tokens, mask, config, ("resid_post",))
+    logits, sites = forward(params, tokens, mask, config=config, capture=("resid_post",))
     L, B, T, D = sites["resid_post"].shape
     resid = jax.lax.stop_gradient(sites["resid_post"][:-1].reshape(L - 1, B * T, D))  # the last layer is fixed
     logp_final = jax.lax.stop_gradient(jax.nn.log_softmax(logits.reshape(B * T, -1), axis=-1))
@@ -113,9 +113,9 @@ def default_texts(split: str = "test") -> list[str]:
 @partial(jax.jit, static_argnames=("config",))
 def _moments(params, tokens, weights, *, config: ModelConfig):
     """Sums for the least-squares fit of h_L from [h_l, 1]: X^T X [L, D+1, D+1], X^T Y [L, D+1, D]."""
-    from jaxlens.core.forward import _forward
+    from jaxlens.core.forward import forward
 
-    _, sites = _forward(params, tokens, jnp.ones_like(tokens), config, ("resid_post",))
+    _, sites = forward(params, tokens, jnp.ones_like(tokens), config=config, capture=("resid_post",))
     resid = sites["resid_post"].astype(jnp.float32)  # [L, B, T, D]
     L, B, T, D = resid.shape
     x = jnp.concatenate([resid, jnp.ones((L, B, T, 1), jnp.float32)], -1).reshape(L, B * T, D + 1)
@@ -130,10 +130,14 @@ def fit_shortcut(params, config: ModelConfig, blocks, ridge: float = 1e-3) -> di
     forward passes, so it uses far more tokens than SGD can on a CPU; a starting point for `fit`.
     BOS positions are left out: their residuals are orders of magnitude larger in some models and
     would dominate the fit."""
+    from jaxlens.runtime.loop import stream
+
+    blocks = np.asarray(blocks, np.int32)
+    bos = config.bos_token_id if config.bos_token_id is not None else -1
     xtx, xty = 0.0, 0.0
-    for tokens in np.asarray(blocks, np.int32):
-        weights = jnp.asarray(tokens != (config.bos_token_id if config.bos_token_id is not None else -1), jnp.float32)
-        a, b = _moments(params, jnp.asarray(tokens), weights, config=config)
+    for _, (a, b) in stream(range(len(blocks)), lambda i, tokens, weights: _moments(params, tokens, weights, config=config),
+                            mesh=_mesh(params), inputs=lambda i: (blocks[i], (blocks[i] != bos).astype(np.float32)),
+                            progress=False, size=lambda i: 0):
         xtx, xty = xtx + np.asarray(a, np.float64), xty + np.asarray(b, np.float64)
     D = config.d_model
     reg = ridge * np.trace(xtx, axis1=1, axis2=2)[:, None, None] / (D + 1) * np.eye(D + 1)
@@ -148,24 +152,26 @@ def fit(params, config: ModelConfig, blocks, *, steps: int = 40, lr: float = 0.1
         weight_decay: float = 1e-3, clip: float | None = 1.0, translators=None, progress: bool = True):
     """Train translators on token blocks [n, batch, length] for `steps` steps (cycling through the
     blocks). Returns (translators, log) with log = {"loss": [...], "tokens": n, "seconds": s}."""
-    from tqdm import tqdm
+    from jaxlens.runtime.loop import accumulate
 
     blocks = np.asarray(blocks, np.int32)
     if blocks.ndim != 3:
         raise ValueError(f"blocks must be [n, batch, length] token ids; got shape {blocks.shape}")
     translators = init_translators(config) if translators is None else translators
     opt = optimizer(steps, lr, momentum, weight_decay, clip)
-    opt_state = opt.init(translators)
-    mask = jnp.ones(blocks.shape[1:], jnp.int32)
     per_step = blocks.shape[1] * blocks.shape[2]
-    losses, t0 = [], time.perf_counter()
-    bar = tqdm(range(steps), desc="tuned lens", unit="step", disable=not progress)
-    for i in bar:
-        tokens = jnp.asarray(blocks[i % len(blocks)])
+
+    def one(i, state, tokens, mask):  # the losses stay on device until the end: no per-step sync
+        translators, opt_state, losses = state
         translators, opt_state, loss, _ = _step(translators, opt_state, params, tokens, mask, config=config, opt=opt)
-        losses.append(float(loss))
-        bar.set_postfix(kl=f"{losses[-1]:.3f}", tok_s=f"{(i + 1) * per_step / (time.perf_counter() - t0):.0f}")
-    return translators, {"loss": losses, "tokens": steps * per_step, "seconds": time.perf_counter() - t0}
+        return translators, opt_state, losses.at[i].set(loss)
+
+    t0 = time.perf_counter()
+    state = (translators, opt.init(translators), jnp.zeros(steps, jnp.float32))
+    translators, _, losses = accumulate(list(range(steps)), one, state, mesh=_mesh(params), progress=progress,
+                                        inputs=lambda i: (blocks[i % len(blocks)], np.ones(blocks.shape[1:], np.int32)),
+                                        desc="tuned lens", size=lambda i: per_step)
+    return translators, {"loss": [float(x) for x in losses], "tokens": steps * per_step, "seconds": time.perf_counter() - t0}
 
 
 def train(model, texts, *, steps: int = 40, batch: int = 4, length: int = 64, shortcut_tokens: int = 0, **kw):
@@ -184,12 +190,20 @@ def kl_by_layer(params, config: ModelConfig, blocks, translators=None) -> np.nda
     """Mean KL(final || lens) per layer [L] over token blocks [n, batch, length], through the fused
     kernel (translators=None: the logit lens)."""
     from jaxlens.kernels.lens import lens_from_tokens
+    from jaxlens.runtime.loop import stream
 
-    total = 0.0
-    for tokens in np.asarray(blocks, np.int32):
-        out = lens_from_tokens(params, tokens, None, config=config, positions="all", k=1, translators=translators)
-        total = total + np.asarray(out["kl"]).mean(axis=(1, 2))
+    blocks = np.asarray(blocks, np.int32)
+    step = lambda i, tokens: lens_from_tokens(params, tokens, None, config=config, positions="all", k=1,  # noqa: E731
+                                              translators=translators)["kl"].mean(axis=(1, 2))
+    total = sum(kl for _, kl in stream(range(len(blocks)), step, mesh=_mesh(params), inputs=lambda i: (blocks[i],),
+                                       progress=False, size=lambda i: 0))
     return total / len(blocks)
+
+
+def _mesh(params):
+    from jaxlens.core.sharding import default_mesh, params_mesh
+
+    return params_mesh(params) or default_mesh()
 
 
 def evaluate(model, texts, translators=None, *, batch: int = 4, length: int = 64, max_batches: int = 4) -> np.ndarray:

@@ -1,0 +1,111 @@
+"""The runtime: one bucket rule and padding scheme, the one-behind loop, placement on a mesh."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxlens.runtime.batching import _BUCKETS, bucket, pad_left, padded_length, text_batches
+from jaxlens.runtime.loop import accumulate, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bucket_and_padding():
+    assert [bucket(n) for n in (1, 16, 17, 33, 200)] == [16, 16, 32, 40, 256]
+    assert padded_length(30, limit=20) == 30 and padded_length(10, limit=12) == 12
+    tokens, mask = pad_left([[5, 6, 7], [8]], rows=3, length=4, pad_id=0)
+    assert tokens.tolist() == [[0, 5, 6, 7], [0, 0, 0, 8], [0, 0, 0, 0]]
+    assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1]]  # the padding row has one token
+    with pytest.raises(ValueError, match="do not fit"):
+        pad_left([[1]] * 3, rows=2, length=4)
+
+
+def test_text_batches_keep_order_and_bucket(tiny):
+    model = tiny[0]
+    texts = ["a", "the cat sat on the mat and more", "b c", "d"]
+    batches = text_batches(model, texts, rows=3)
+    assert [b.index.tolist() for b in batches] == [[0, 1, 2], [3, -1, -1]]
+    assert all(b.tokens.shape[1] in _BUCKETS and b.mask[:, -1].all() for b in batches)
+    with pytest.raises(ValueError, match="no texts"):
+        text_batches(model, [], rows=2)
+
+
+def test_stream_reads_back_in_order_and_accumulate_sums(tiny):
+    import jax.numpy as jnp
+
+    mesh = tiny[0].mesh
+    batches = [np.full((4, 2), i, np.float32) for i in range(5)]
+    out = run(batches, lambda b, x: x.sum(), mesh=mesh, inputs=lambda b: (b,), progress=False, size=lambda b: 1)
+    assert [float(v) for _, v in out] == [8.0 * i for i in range(5)]
+    total = accumulate(batches, lambda b, s, x: s + x.sum(), jnp.zeros(()), mesh=mesh, inputs=lambda b: (b,),
+                       progress=False, size=lambda b: 1)
+    assert float(total) == 8.0 * sum(range(5))
+
+
+def test_every_method_places_its_batch_over_data(tiny):  # ~60 s: a subprocess with 8 host devices
+    directory = tiny[2]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    script = Path(__file__).with_name("placement_check.py")
+    run_ = subprocess.run([sys.executable, str(script), str(directory)], env=env, capture_output=True, text=True, timeout=600)
+    assert run_.returncode == 0, run_.stdout + run_.stderr
+    assert "placement ok" in run_.stdout
+
+
+# The layering (docs/architecture.md): a package imports only the packages below it.
+ALLOWED = {
+    "core": set(),
+    "data": set(),
+    "report": set(),
+    "converters": {"core"},
+    "kernels": {"core"},
+    "runtime": {"core", "converters", "data"},
+    "methods": {"core", "kernels", "runtime", "data", "report"},
+    "commands": {"core", "kernels", "runtime", "data", "report", "methods", "converters"},
+}
+
+
+def _layer(path: Path) -> str | None:
+    rel = path.relative_to(ROOT).parts
+    if rel[0] in ("converters", "kernels"):
+        return rel[0]
+    if rel[0] == "jaxlens" and len(rel) > 2:
+        return rel[1]
+    return None
+
+
+def test_imports_follow_the_layering():
+    wrong = []
+    for path in sorted(ROOT.glob("*/**/*.py")):
+        layer = _layer(path)
+        if layer is None or ".venv" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "jaxlens" and len(parts) > 1 and parts[1] in ALLOWED and parts[1] != layer \
+                        and parts[1] not in ALLOWED[layer]:
+                    wrong.append(f"{path.relative_to(ROOT)} ({layer}) imports {name}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_only_the_runtime_moves_data():
+    """device_put / block_until_ready / device_get appear only in the runtime (and the converters,
+    which place weights)."""
+    found = []
+    for path in sorted((ROOT / "jaxlens").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py")):
+        if "runtime" in path.parts:
+            continue
+        text = path.read_text()
+        for word in ("device_put", "block_until_ready", "device_get"):
+            if word in text:
+                found.append(f"{path.relative_to(ROOT)}: {word}")
+    assert not found, found
