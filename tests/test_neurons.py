@@ -147,6 +147,32 @@ def test_deactivating_neurons_changes_perplexity_only_when_they_fire(tiny):
         N.perplexity(model, batches, ablate=np.ones((1, 2), bool))
 
 
+def test_perplexity_matrix_is_each_ablation_run_alone(tiny):
+    """The stacked deactivation program (chunks of 2 over 3 masks, so one chunk is padded) equals a
+    plain forward with each mask's ablation, NLL computed in numpy."""
+    from jaxlens.core import interventions as iv
+
+    model, _ = tiny("llama")
+    cfg = model.config
+    batches = N.make_batches(model, CORPUS, seq_len=16, batch_size=4)
+    masks = np.random.default_rng(3).random((3, cfg.n_layers, cfg.d_ff)) < np.array([0.0, 0.3, 0.9])[:, None, None]
+    got = N.perplexity_matrix(model, batches, masks, chunk=2)
+    R = batches.tokens.shape[0] * batches.tokens.shape[1]
+    tokens, mask, w = (a.reshape(R, -1) for a in (batches.tokens, batches.mask, batches.weights))
+    use = (w[:, 1:] > 0) & (mask[:, :-1] > 0)
+    lang = batches.lang.reshape(R)
+    for p, m in enumerate(masks):
+        logits = np.asarray(model(tokens, mask, interventions=iv.ablate("mlp_act", neurons=m))[0], np.float64)
+        top = logits.max(-1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+        for k in range(len(batches.languages)):
+            assert got[p, k] == pytest.approx(np.exp(nll[use & (lang[:, None] == k)].mean()), rel=1e-4)
+    assert not np.allclose(got[0], got[2])  # the ablations matter
+    with pytest.raises(ValueError, match=r"\[P, n_layers, d_ff\]"):
+        N.perplexity_matrix(model, batches, masks[0])
+
+
 def test_cli_stats_lape_classify_deactivate_compare(tiny, tmp_path, monkeypatch):
     _, directory = tiny("llama")
     load = jaxlens.load

@@ -250,13 +250,14 @@ def run_deactivate(args) -> int:
     batches = N.make_batches(model, corpus, seq_len=args.seq_len, batch_size=args.batch, budget=args.budget)
     evals = list(batches.languages)
     t0 = time.perf_counter()
-    base = N.perplexity(model, batches)
+    # The baseline and every language's deactivation: one stacked program per batch.
+    stacked = np.concatenate([np.zeros((1, *masks.shape[1:]), bool), masks.astype(bool)])
+    ppl = N.perplexity_matrix(model, batches, stacked, progress=True)
+    base = {e: float(ppl[0, k]) for k, e in enumerate(evals)}
+    matrix = ppl[1:]
     print("baseline ppl: " + "  ".join(f"{e} {base[e]:.2f}" for e in evals))
-    matrix = np.zeros((len(langs), len(evals)))
     for d, lang in enumerate(langs):
-        ppl = N.perplexity(model, batches, ablate=masks[d])
-        matrix[d] = [ppl[e] for e in evals]
-        print(f"{lang} off ({int(masks[d].sum())} neurons): " + "  ".join(f"{e} {ppl[e]:.2f}" for e in evals))
+        print(f"{lang} off ({int(masks[d].sum())} neurons): " + "  ".join(f"{e} {matrix[d, k]:.2f}" for k, e in enumerate(evals)))
     baseline = np.array([base[e] for e in evals])
     ratio = matrix / baseline[None]
     common = [lang for lang in langs if lang in evals]

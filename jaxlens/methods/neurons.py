@@ -487,50 +487,67 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[dict]:
 def perplexity(model, batches: Batches, ablate: np.ndarray | None = None, progress: bool = False) -> dict[str, float]:
     """exp(mean next-token NLL) per language over counted target tokens; `ablate` [L, F] bool
     zeroes those neurons (mlp_act) in every layer."""
-    from jaxlens.runtime.loop import stream
-
     cfg = model.config
     ablate = np.zeros((cfg.n_layers, cfg.d_ff), bool) if ablate is None else np.asarray(ablate, bool)
     if ablate.shape != (cfg.n_layers, cfg.d_ff):
         raise ValueError(f"neuron mask shape {ablate.shape} != (n_layers, d_ff) = {(cfg.n_layers, cfg.d_ff)}")
-    step = _nll_step(cfg)
+    ppl = perplexity_matrix(model, batches, ablate[None], progress=progress)[0]
+    return {lang: float(ppl[k]) for k, lang in enumerate(batches.languages)}
+
+
+def perplexity_matrix(model, batches: Batches, masks: np.ndarray, progress: bool = False,
+                      chunk: int | None = None) -> np.ndarray:
+    """Perplexity [P, K] of each language k with the neurons of masks[p] ([P, L, F] bool) zeroed, as
+    one program per batch: the P ablations are a stacked intervention, vmapped in chunks
+    (`sweep.map_stack`), so the deactivation matrix (P = K + 1 with the baseline) is not P runs."""
+    from jaxlens.methods.sweep import auto_chunk
+    from jaxlens.runtime.loop import stream
+    from jaxlens.runtime.placement import put_replicated
+
+    cfg = model.config
+    masks = np.asarray(masks, bool)
+    if masks.ndim != 3 or masks.shape[1:] != (cfg.n_layers, cfg.d_ff):
+        raise ValueError(f"neuron masks must be [P, n_layers, d_ff] = [P, {cfg.n_layers}, {cfg.d_ff}]; got {masks.shape}")
+    B, T = batches.tokens.shape[1:]
+    step = _nll_step(cfg, chunk or auto_chunk(B, T, cfg.vocab_size, tail_only=False))
+    placed = put_replicated(model.mesh, masks)
     K = len(batches.languages)
-    nll, count = np.zeros(K), np.zeros(K)
+    nll, count = np.zeros((len(masks), K)), np.zeros(K)
     views = [_BatchView(batches, i) for i in range(len(batches))]
-    for view, (row_nll, row_count) in stream(views, lambda v, *inputs: step(model.params, *inputs, ablate), mesh=model.mesh,
+    for view, (row_nll, row_count) in stream(views, lambda v, *inputs: step(model.params, *inputs, placed), mesh=model.mesh,
                                              inputs=lambda v: (v.tokens, v.mask, v.weights), desc="perplexity",
                                              progress=progress, size=lambda v: int(v.weights.sum())):
         g = view.groups  # [B, K]
         nll += np.asarray(row_nll, np.float64) @ g
         count += np.asarray(row_count, np.float64) @ g
-    return {lang: float(np.exp(nll[k] / count[k])) for k, lang in enumerate(batches.languages)}
+    return np.exp(nll / count[None])
 
 
-def _nll_step(cfg):
+def _nll_step(cfg, chunk: int):
     import jax
     import jax.numpy as jnp
 
-    key = ("nll", cfg)
+    from jaxlens.core import interventions as iv
+    from jaxlens.core.forward import forward
+    from jaxlens.methods.sweep import map_stack
+
+    key = ("nll", cfg, chunk)
     if key not in _STEPS:
-        def step(params, tokens, mask, weights, ablate):
-            logits, _ = _ablated_forward(params, tokens, mask, cfg, ablate)  # [B, T, V]
-            logits = logits[:, :-1]
+        def step(params, tokens, mask, weights, masks):
             target = tokens[:, 1:]
-            gold = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-            nll = jax.nn.logsumexp(logits, axis=-1) - gold  # [B, T-1]
             w = (weights[:, 1:] > 0) & (mask[:, :-1] > 0)
-            return jnp.where(w, nll, 0.0).sum(axis=1), w.sum(axis=1)
+
+            def one(ablation):
+                logits, _ = forward(params, tokens, mask, config=cfg, interventions=ablation)
+                logits = logits[:, :-1]  # [B, T-1, V]
+                gold = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+                return jnp.where(w, jax.nn.logsumexp(logits, axis=-1) - gold, 0.0).sum(axis=1)  # [B]
+
+            stack = jax.vmap(lambda m: iv.ablate("mlp_act", neurons=m))(masks)
+            return map_stack(one, stack, chunk), w.sum(axis=1)  # [P, B], [B]
 
         _STEPS[key] = jax.jit(step)
     return _STEPS[key]
-
-
-def _ablated_forward(params, tokens, mask, cfg, ablate):
-    """forward with the neurons in `ablate` [L, F] zeroed at mlp_act (a per-layer intervention)."""
-    from jaxlens.core import interventions as iv
-    from jaxlens.core.forward import forward
-
-    return forward(params, tokens, mask, config=cfg, interventions=iv.ablate("mlp_act", neurons=ablate))
 
 
 def diagonal_dominance(matrix: np.ndarray, baseline: np.ndarray) -> dict:
