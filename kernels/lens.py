@@ -439,7 +439,7 @@ def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, tran
 # ---- full logits, for small inputs (the tuned lens's training loss, references) -------------------
 
 
-def logits_of(params, resid, config):
+def logits_of(params, resid, *, config: ModelConfig):
     """Full logits [..., V] float32 of residuals (for small inputs and references only)."""
     normed = final_norm(params, resid, config)
     w, tied = unembedding(params, config)

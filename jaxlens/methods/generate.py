@@ -36,7 +36,8 @@ def generate(params, tokens, mask=None, *, config: ModelConfig, max_new_tokens: 
     mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
     check_lengths(config, (0 if past is None else past.mask.shape[1]) + tokens.shape[1], max_new_tokens)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    return decode(params, tokens, mask, interventions, eos, past, config, max_new_tokens, params_mesh(params))
+    return decode(params, tokens, mask, interventions, eos, past, config=config, max_new_tokens=max_new_tokens,
+                  mesh=params_mesh(params))
 
 
 def check_lengths(config: ModelConfig, prompt_length: int, max_new_tokens: int) -> None:
@@ -48,8 +49,8 @@ def check_lengths(config: ModelConfig, prompt_length: int, max_new_tokens: int) 
                          f"model's max_positions={config.max_positions}; shorten the prompt or generate fewer tokens")
 
 
-@partial(jax.jit, static_argnums=(6, 7, 8))
-def decode(params, tokens, mask, interventions, eos, past, config: ModelConfig, max_new_tokens: int, mesh=None):
+@partial(jax.jit, static_argnames=("config", "max_new_tokens", "mesh"))
+def decode(params, tokens, mask, interventions, eos, past, *, config: ModelConfig, max_new_tokens: int, mesh=None):
     """`generate` without the checks, for use inside other programs (eos: [E] int32 ids, -1 for none;
     mesh: split the batch over its data axes, for callers that pass host arrays)."""
     tokens, mask = constrain_batch(mesh, tokens, mask)

@@ -84,7 +84,10 @@ def generate_sweep(params, tokens, mask, source, pairs, eos, *, config: ModelCon
 
     cache = prefix_cache(params, tokens, mask, config=config, tail=1)
     stack = pair_stack(source, pairs, jnp.ones((tokens.shape[0], 1), bool), site)
-    one = lambda point: decode(params, tokens[:, -1:], mask[:, -1:], point, eos, cache, config, max_new_tokens)  # noqa: E731
+
+    def one(point):
+        return decode(params, tokens[:, -1:], mask[:, -1:], point, eos, cache, config=config, max_new_tokens=max_new_tokens)
+
     return map_stack(one, stack, chunk or auto_chunk(tokens.shape[0], 1, config.vocab_size, True))
 
 

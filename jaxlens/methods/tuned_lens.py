@@ -50,7 +50,7 @@ def optimizer(steps: int, lr: float = 0.1, momentum: float = 0.9, weight_decay: 
 
 def _layer_kl(params, config, h, A, b, logp_final):
     """KL(final || tuned lens) per token of one layer: h [N, D] residuals, logp_final [N, V]."""
-    logits = logits_of(params, h + h @ A.T.astype(h.dtype) + b.astype(h.dtype), config)  # [N, V]
+    logits = logits_of(params, h + h @ A.T.astype(h.dtype) + b.astype(h.dtype), config=config)  # [N, V]
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.sum(jnp.exp(logp_final) * (logp_final - logp), axis=-1)  # [N]
 
