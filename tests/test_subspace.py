@@ -1,0 +1,114 @@
+"""Lens subspaces: LSAR against a column-form numpy transcription of the paper's steps, its closed
+form at rank K-1, reducer means against captured states, the artifact round trip, the errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxlens import subspace as ss
+from jaxlens.models import forward
+
+PROMPTS = {
+    "en": ["The man went home.", "She lost her keys.", "It rained all day."],
+    "xx": ["A man home went.", "Keys she lost."],
+    "yy": ["Rain day all it.", "Went he.", "Lost keys her she.", "Home."],
+}
+
+
+def transcription(W, r):
+    """The issue's steps verbatim, in column form: W [d, L] with one language mean per column."""
+    d, L = W.shape
+    one = np.ones(L)
+    wc = W @ one / L
+    U, S, Vt = np.linalg.svd(W - np.outer(wc, one), full_matrices=False)
+    Wp = np.outer(wc, one) + U[:, :r] @ np.diag(S[:r]) @ Vt[:r]
+    a = np.linalg.pinv(Wp).T @ one
+    a = a / np.linalg.norm(a) ** 2
+    U2, _, _ = np.linalg.svd(Wp - np.outer(a, one), full_matrices=False)
+    return a, U2[:, :r]
+
+
+def projector(rows):
+    q, _ = np.linalg.qr(np.asarray(rows).T)
+    return q @ q.T
+
+
+@pytest.mark.parametrize("K,D,rank", [(2, 16, None), (7, 64, None), (7, 64, 3)])
+def test_lsar_equals_the_transcription(K, D, rank):
+    W = np.random.default_rng(K + D).standard_normal((K, D)) + 3.0
+    a, M, _ = ss.lsar(W, rank)
+    a_ref, M_ref = transcription(W.T, K - 1 if rank is None else rank)
+    np.testing.assert_allclose(a, a_ref, atol=1e-6)
+    # Singular vectors are defined up to sign (and rotation within ties): compare the spanned spaces.
+    np.testing.assert_allclose(projector(M), M_ref @ M_ref.T, atol=1e-6)
+    np.testing.assert_allclose(M @ M.T, np.eye(M.shape[0]), atol=1e-10)
+
+
+def test_closed_form_at_full_rank():
+    W = np.random.default_rng(1).standard_normal((5, 32)) + 1.0
+    a, M, _ = ss.lsar(W)
+    diffs = W[1:] - W[0]
+    np.testing.assert_allclose(projector(M), projector(diffs), atol=1e-8)  # M_s spans m_k - m_en
+    np.testing.assert_allclose(M @ a, 0, atol=1e-8)  # a ⊥ M_s
+    residual = (a - W[0]) - projector(diffs) @ (a - W[0])
+    np.testing.assert_allclose(residual, 0, atol=1e-8)  # a lies on the affine hull of the means
+    # ... and is its nearest point to the origin: any other hull point is farther.
+    other = W[0] + np.random.default_rng(2).standard_normal(4) @ diffs
+    assert np.linalg.norm(other) > np.linalg.norm(a)
+
+
+def test_lsar_is_not_trivially_the_mean():
+    """A transcription mismatch must be visible: a is not the centroid direction in general."""
+    W = np.random.default_rng(3).standard_normal((4, 8)) + 1.0
+    a, _, _ = ss.lsar(W)
+    c = W.mean(0)
+    assert abs(a @ c / np.linalg.norm(a) / np.linalg.norm(c)) < 0.999
+
+
+@pytest.mark.parametrize("last_norm", [True, False])
+def test_reducer_means_equal_means_of_captured_states(tiny, last_norm):
+    model, _, _ = tiny
+    probe = ss.probe_prompts(model, PROMPTS, last_norm=last_norm, batch_rows=4)
+    L = model.config.n_layers
+    for k, (lang, texts) in enumerate(PROMPTS.items()):
+        ref = []
+        for text in texts:  # one prompt at a time, no padding: the independent path
+            tokens, mask = model.encode([text])
+            _, sites = forward(model.params, tokens, mask, config=model.config, capture=("resid_post", "final_norm"))
+            h = np.array(sites["resid_post"][:, 0, -1])  # [L, D]
+            if last_norm:
+                h[-1] = np.asarray(sites["final_norm"][0, -1])
+            ref.append(h)
+        np.testing.assert_allclose(probe.means[:, k], np.mean(ref, 0), atol=2e-5)
+        assert probe.counts[k] == len(texts)
+    assert probe.means.shape == (L, 3, model.config.d_model)
+    states = ss.prompt_states(model, PROMPTS["en"], last_norm=last_norm, batch_rows=2)
+    np.testing.assert_allclose(states.mean(1), probe.means[:, 0], atol=2e-5)
+
+
+def test_fit_save_load(tiny, tmp_path):
+    model, _, _ = tiny
+    probe = ss.probe_prompts(model, PROMPTS, batch_rows=4, meta={"model": "tiny", "template": "{text}"})
+    sub = ss.fit(probe)
+    L, D = model.config.n_layers, model.config.d_model
+    assert sub.basis.shape == (L, 2, D) and sub.agnostic.shape == (L, D) and sub.delta.shape == (L, 3, D)
+    np.testing.assert_allclose(sub.delta[:, 0], 0)
+    for l in range(L):  # δ_k = mean P_s h_k - mean P_s h_en
+        P = sub.basis[l].T @ sub.basis[l]
+        np.testing.assert_allclose(sub.delta[l, 1], P @ probe.means[l, 1] - P @ probe.means[l, 0], atol=1e-8)
+    sub.save(tmp_path / "s")
+    back = ss.Subspace.load(tmp_path / "s")
+    assert back.langs == sub.langs and back.rank == 2 and back.meta["model"] == "tiny"
+    assert back.meta["corpus_sha256"] == ss.corpus_sha256(PROMPTS) and back.meta["last_norm"] is True
+    for name in ("agnostic", "basis", "delta", "means", "spectrum", "counts"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(sub, name))
+
+
+def test_errors_before_model_work():
+    with pytest.raises(ValueError, match="at least 2 languages"):
+        ss.check_prompts({"en": ["a"]})
+    with pytest.raises(ValueError, match="no 'en' prompts"):
+        ss.check_prompts({"zh": ["a"], "sw": ["b"]})
+    with pytest.raises(ValueError, match="rank=3 must be"):
+        ss.lsar(np.ones((3, 4)), rank=3)
