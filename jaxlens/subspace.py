@@ -254,3 +254,81 @@ def fit(probe: Probe, *, rank: int | None = None) -> Subspace:
         agnostic.append(a), basis.append(M), spectrum.append(s), delta.append(diff @ M.T @ M)
     return Subspace(langs, english, np.stack(agnostic), np.stack(basis), np.stack(delta), probe.means,
                     np.stack(spectrum), probe.counts, {**probe.meta, "layers": int(probe.means.shape[0])})
+
+
+# ---- training-free interventions ---------------------------------------------------------------
+
+KINDS = ("shift", "project", "scale")
+
+
+def check_layers(sub: Subspace, layers, n_layers: int) -> None:
+    """Intervention layers exist, and are not the last one when it was read after the final norm
+    (its subspace lives in normed space, the residual stream there does not)."""
+    layers = [int(l) for l in np.atleast_1d(layers)]
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise ValueError(f"layer(s) {bad} out of range 0..{n_layers - 1}")
+    if sub.meta.get("last_norm", True) and n_layers - 1 in layers:
+        raise ValueError(f"layer {n_layers - 1} was probed after the final norm, so its subspace is not the residual "
+                         f"stream's; intervene at layers 0..{n_layers - 2} (or probe with last_norm=False)")
+
+
+def project_specific(sub: Subspace, strength=1.0, *, layers=None, positions=None) -> iv.Intervention:
+    """Remove `strength` of the language-specific component: x - strength P_s x (1 = project out M_s)."""
+    return iv.scale_along(SITE, jnp.asarray(sub.basis, jnp.float32), 1.0 - jnp.asarray(strength, jnp.float32),
+                          layers=layers, positions=positions, per_layer=True)
+
+
+def scale_agnostic(sub: Subspace, factor, *, layers=None, positions=None) -> iv.Intervention:
+    """Scale the component along the unit agnostic direction by `factor`."""
+    return iv.scale_along(SITE, jnp.asarray(sub.unit_agnostic(), jnp.float32), factor, layers=layers,
+                          positions=positions, per_layer=True)
+
+
+def shift(sub: Subspace, rows, alpha, *, layers=None, positions=None) -> iv.Intervention:
+    """x + alpha δ_k with k each row's language: rows [B] language indices into sub.langs (-1: no
+    shift). alpha < 0 moves a language toward English inside M_s, alpha > 0 away from it."""
+    rows = np.asarray(rows)
+    delta = np.where((rows >= 0)[None, :, None], sub.delta[:, np.maximum(rows, 0)], 0.0)  # [L, B, D]
+    return iv.add(SITE, jnp.asarray(delta, jnp.float32), alpha, layers=layers, positions=positions, per_layer=True)
+
+
+def intervention(sub: Subspace, kind: str, rows, layer, alpha, positions=None) -> iv.Intervention:
+    """One of the three kinds at one (layer, alpha) point; alpha is the shift's weight, the
+    projection's strength or the agnostic scale factor. Same pytree structure for every point."""
+    if kind == "shift":
+        return shift(sub, rows, alpha, layers=layer, positions=positions)
+    if kind == "project":
+        return project_specific(sub, alpha, layers=layer, positions=positions)
+    if kind == "scale":
+        return scale_agnostic(sub, alpha, layers=layer, positions=positions)
+    raise ValueError(f"unknown intervention kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def steer_scores(model, items, template, sub: Subspace, points, *, kind: str = "shift", positions: str = "all",
+                 method: str = "letters", batch_rows: int = 8, chunk: int | None = None, progress: bool = True):
+    """Scores [G, N, O] of every item at every (layer, alpha) point of `points` [G, 2], one program
+    per batch (`jaxlens.sweep`): each row gets its own language's δ_k (English and unknown: none)."""
+    from jaxlens.sweep import sweep_scores
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown intervention kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if positions not in ("all", "last"):
+        raise ValueError(f"positions must be 'all' or 'last', got {positions!r}")
+    points = np.asarray(points, np.float64)
+    check_layers(sub, points[:, 0], model.config.n_layers)
+    lang_of = np.array([sub.langs.index(it.lang) if it.lang in sub.langs and it.lang != sub.english else -1 for it in items])
+
+    def build(batch, tail):
+        rows = np.where(batch.item >= 0, lang_of[np.maximum(batch.item, 0)], -1)
+        if positions == "last":
+            T = batch.tokens.shape[1]
+            at = jnp.arange(T - tail, T)[None, :] == jnp.asarray(batch.prompt_last)[:, None]
+        else:
+            at = jnp.asarray(batch.mask, bool)
+        layers = jnp.asarray(points[:, 0], jnp.int32)
+        alphas = jnp.asarray(points[:, 1], jnp.float32)
+        return jax.vmap(lambda layer, alpha: intervention(sub, kind, rows, layer, alpha, at))(layers, alphas)
+
+    return sweep_scores(model, items, template, build, methods=(method,), tail_only=positions == "last",
+                        batch_rows=batch_rows, chunk=chunk, progress=progress)

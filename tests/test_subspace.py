@@ -112,3 +112,79 @@ def test_errors_before_model_work():
         ss.check_prompts({"zh": ["a"], "sw": ["b"]})
     with pytest.raises(ValueError, match="rank=3 must be"):
         ss.lsar(np.ones((3, 4)), rank=3)
+
+
+# ---- interventions ------------------------------------------------------------------------------
+
+
+def test_scale_along_op_matches_numpy(tiny):
+    import jax.numpy as jnp
+
+    from jaxlens import interventions as iv
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    basis = np.linalg.qr(rng.standard_normal((8, 2)))[0].T.astype(np.float32)  # [2, 8] orthonormal rows
+    P = basis.T @ basis
+    for factor in (0.0, 0.5, 3.0):
+        out = np.asarray(iv.scale_along("resid_post", basis, factor).apply(jnp.asarray(x), 0))
+        np.testing.assert_allclose(out, x + (factor - 1) * x @ P, atol=1e-5)
+    zero = iv.scale_along("resid_post", basis, 0.0).apply(jnp.asarray(x), 0)
+    np.testing.assert_allclose(zero, iv.project_out("resid_post", basis).apply(jnp.asarray(x), 0), atol=1e-6)
+    np.testing.assert_allclose(iv.scale_along("resid_post", basis, 1.0).apply(jnp.asarray(x), 0), x, atol=1e-6)
+
+
+def _items():
+    from conftest import parallel_items
+
+    return parallel_items()
+
+
+@pytest.fixture(scope="module")
+def tiny_sub(tiny):
+    model, _, _ = tiny
+    prompts = {"en": PROMPTS["en"], "xx": PROMPTS["xx"], "yy": PROMPTS["yy"]}
+    return ss.fit(ss.probe_prompts(model, prompts, batch_rows=4))
+
+
+@pytest.mark.parametrize("kind,positions", [("shift", "all"), ("shift", "last"), ("project", "all"), ("scale", "last")])
+def test_sweep_points_equal_the_harness_with_the_intervention(tiny, tiny_sub, kind, positions):
+    from jaxlens import evaluation as ev
+    from jaxlens import interventions as iv
+
+    model, _, _ = tiny
+    items, template = _items(), ev.XCOPA_TEMPLATE
+    sub = tiny_sub
+    points = np.array([(0, 0.0 if kind != "scale" else 1.0), (1, 2.0), (0, -1.5)])
+    scores = ss.steer_scores(model, items, template, sub, points, kind=kind, positions=positions, progress=False)
+    clean = ev.score_items(items, model.tokenizer, template=template, model=model, methods=("letters",), progress=False)
+    for g, (layer, alpha) in enumerate(points):
+        def forward_fn(tokens, mask, batch, layer=int(layer), alpha=float(alpha)):
+            rows = np.array([sub.langs.index(items[i].lang) if i >= 0 and items[i].lang != "en" else -1 for i in batch.item])
+            at = iv.at_positions(batch.prompt_last, tokens.shape[1]) if positions == "last" else np.asarray(mask, bool)
+            P = {"shift": None, "project": sub.basis, "scale": sub.unit_agnostic()[:, None]}[kind]
+            if kind == "shift":  # written out: x + alpha δ_k, per row, at `layer`
+                vec = np.where((rows >= 0)[:, None], sub.delta[layer, np.maximum(rows, 0)], 0.0)
+                op = iv.add("resid_post", vec.astype(np.float32), alpha, layers=layer, positions=at)
+            else:
+                factor = 1 - alpha if kind == "project" else alpha
+                op = iv.scale_along("resid_post", P[layer].astype(np.float32), factor, layers=layer, positions=at)
+            return forward(model.params, tokens, mask, config=model.config, interventions=op)[0]
+        direct = ev.score_items(items, model.tokenizer, forward_fn, template, model=model, methods=("letters",), progress=False)
+        np.testing.assert_allclose(scores.letter[g], direct.letter, atol=2e-4)
+        if g == 0:  # the identity point
+            np.testing.assert_allclose(scores.letter[g], clean.letter, atol=2e-4)
+        if kind == "shift":  # English rows are never shifted
+            np.testing.assert_allclose(scores.letter[g][:2], clean.letter[:2], atol=2e-4)
+    assert not np.allclose(scores.letter[1], clean.letter, atol=1e-3)  # the intervention does something
+
+
+def test_steer_refuses_the_post_norm_layer(tiny, tiny_sub):
+    from jaxlens import evaluation as ev
+
+    model, _, _ = tiny
+    L = model.config.n_layers
+    with pytest.raises(ValueError, match=f"layer {L - 1} was probed after the final norm"):
+        ss.steer_scores(model, _items(), ev.XCOPA_TEMPLATE, tiny_sub, np.array([(L - 1, 1.0)]), progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        ss.steer_scores(model, _items(), ev.XCOPA_TEMPLATE, tiny_sub, np.array([(L, 1.0)]), progress=False)
