@@ -188,3 +188,71 @@ def test_steer_refuses_the_post_norm_layer(tiny, tiny_sub):
         ss.steer_scores(model, _items(), ev.XCOPA_TEMPLATE, tiny_sub, np.array([(L - 1, 1.0)]), progress=False)
     with pytest.raises(ValueError, match="out of range"):
         ss.steer_scores(model, _items(), ev.XCOPA_TEMPLATE, tiny_sub, np.array([(L, 1.0)]), progress=False)
+
+
+# ---- diagnostics --------------------------------------------------------------------------------
+
+
+def _clusters(seed, n, L=2, D=12, K=3, spread=0.1):
+    """Synthetic states {lang: [L, n, D]}: a shared part plus a language offset, and noise."""
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal((L, n, D))
+    offsets = np.random.default_rng(99).standard_normal((K, L, 1, D)) * 2
+    return {lang: shared + offsets[k] + spread * rng.standard_normal((L, n, D)) for k, lang in enumerate(("en", "xx", "yy"))}
+
+
+def _sub_of(states):
+    probe = ss.Probe(tuple(states), np.stack([v.mean(1) for v in states.values()], 1), np.array([v.shape[1] for v in states.values()]),
+                     {"english": "en"})
+    return ss.fit(probe)
+
+
+def test_language_id_and_cosines_on_synthetic_clusters():
+    from jaxlens import subspace_diag as sd
+
+    fit_states, test_states = _clusters(0, 20), _clusters(1, 20)
+    sub = _sub_of(fit_states)
+    lid = sd.language_id(sub, fit_states, test_states)
+    np.testing.assert_array_equal(lid["subspace"], 1.0)  # the offsets live in span(m_k - m_en)
+    # In the complement the offsets are gone: language identity is at chance for a nearest mean.
+    assert np.all(lid["complement_nearest"] < 0.6)
+    cos = sd.english_cosine(sub, test_states)
+    np.testing.assert_allclose(cos["before"][:, 0], 1.0)  # English with itself
+    assert np.all(cos["after"][:, 1:] > cos["before"][:, 1:])  # removing M_s brings languages together
+    var = sd.variance_explained(sub)
+    np.testing.assert_allclose(var.sum(1), 1.0)
+    assert np.all(var[:, -1] < 1e-20)
+
+
+def test_ridge_probe_separates_linearly_separable_data():
+    from jaxlens import subspace_diag as sd
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 30))
+    y = (x[:, 0] > 0).astype(int)
+    xt = rng.standard_normal((200, 30))
+    assert np.mean(sd.ridge_probe(x, y, xt, 2, lam=1e-3) == (xt[:, 0] > 0)) > 0.85
+
+
+def test_principal_angles():
+    from jaxlens import subspace_diag as sd
+
+    e = np.eye(4)
+    np.testing.assert_allclose(sd.principal_angles(e[:2], e[:2]), [0, 0], atol=1e-6)
+    np.testing.assert_allclose(sd.principal_angles(e[:1], e[1:2]), [90])
+    r = np.array([[np.cos(0.3), np.sin(0.3), 0, 0]])
+    np.testing.assert_allclose(sd.principal_angles(e[:1], r), [np.degrees(0.3)])
+
+
+def test_diagnose_and_figures(tiny, tiny_sub, tmp_path):
+    from jaxlens import subspace_diag as sd
+
+    model, _, _ = tiny
+    fit_states = {lang: ss.prompt_states(model, PROMPTS[lang], batch_rows=4) for lang in tiny_sub.langs}
+    diag = sd.diagnose(model, tiny_sub, fit_states, fit_states, k=3)
+    L = model.config.n_layers
+    assert diag.lid["subspace"].shape == (L,) and diag.angles.shape == (L - 1, 2)
+    assert set(diag.tokens[L - 1]) == {"agnostic", "xx", "yy"} and len(diag.tokens[L - 1]["xx"]) == 3
+    diag.save(tmp_path)
+    names = sd.write_figures(tmp_path, diag)
+    assert all((tmp_path / n).stat().st_size > 1000 for n in names)
