@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxlens import subspace as ss
-from jaxlens.models import forward
+from jaxlens.methods import subspace as ss
+from jaxlens.core.forward import forward
 
 PROMPTS = {
     "en": ["The man went home.", "She lost her keys.", "It rained all day."],
@@ -120,7 +120,7 @@ def test_errors_before_model_work():
 def test_scale_along_op_matches_numpy(tiny):
     import jax.numpy as jnp
 
-    from jaxlens import interventions as iv
+    from jaxlens.core import interventions as iv
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 8)).astype(np.float32)
@@ -149,8 +149,8 @@ def tiny_sub(tiny):
 
 @pytest.mark.parametrize("kind,positions", [("shift", "all"), ("shift", "last"), ("project", "all"), ("scale", "last")])
 def test_sweep_points_equal_the_harness_with_the_intervention(tiny, tiny_sub, kind, positions):
-    from jaxlens import evaluation as ev
-    from jaxlens import interventions as iv
+    from jaxlens.methods import evaluation as ev
+    from jaxlens.core import interventions as iv
 
     model, _, _ = tiny
     items, template = _items(), ev.XCOPA_TEMPLATE
@@ -180,7 +180,7 @@ def test_sweep_points_equal_the_harness_with_the_intervention(tiny, tiny_sub, ki
 
 
 def test_steer_refuses_the_post_norm_layer(tiny, tiny_sub):
-    from jaxlens import evaluation as ev
+    from jaxlens.methods import evaluation as ev
 
     model, _, _ = tiny
     L = model.config.n_layers
@@ -208,7 +208,7 @@ def _sub_of(states):
 
 
 def test_language_id_and_cosines_on_synthetic_clusters():
-    from jaxlens import subspace_diag as sd
+    from jaxlens.methods import subspace_diag as sd
 
     fit_states, test_states = _clusters(0, 20), _clusters(1, 20)
     sub = _sub_of(fit_states)
@@ -225,7 +225,7 @@ def test_language_id_and_cosines_on_synthetic_clusters():
 
 
 def test_ridge_probe_separates_linearly_separable_data():
-    from jaxlens import subspace_diag as sd
+    from jaxlens.methods import subspace_diag as sd
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 30))
@@ -235,7 +235,7 @@ def test_ridge_probe_separates_linearly_separable_data():
 
 
 def test_principal_angles():
-    from jaxlens import subspace_diag as sd
+    from jaxlens.methods import subspace_diag as sd
 
     e = np.eye(4)
     np.testing.assert_allclose(sd.principal_angles(e[:2], e[:2]), [0, 0], atol=1e-6)
@@ -245,7 +245,7 @@ def test_principal_angles():
 
 
 def test_diagnose_and_figures(tiny, tiny_sub, tmp_path):
-    from jaxlens import subspace_diag as sd
+    from jaxlens.methods import subspace_diag as sd
 
     model, _, _ = tiny
     fit_states = {lang: ss.prompt_states(model, PROMPTS[lang], batch_rows=4) for lang in tiny_sub.langs}

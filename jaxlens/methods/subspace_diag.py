@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxlens.subspace import Subspace
+from jaxlens.methods.subspace import Subspace
 
 
 def variance_explained(sub: Subspace) -> np.ndarray:
@@ -99,7 +99,7 @@ def top_tokens(model, sub: Subspace, layers: Sequence[int], k: int = 8) -> dict:
     import jax.numpy as jnp
 
     from jaxlens.kernels.lens import final_norm
-    from jaxlens.models import unembed
+    from jaxlens.core.modules import unembed
 
     out = {}
     for l in layers:
@@ -123,7 +123,7 @@ class Diagnostics:
     tokens: dict
 
     def save(self, directory) -> Path:
-        from jaxlens.io import write_arrays, write_json
+        from jaxlens.report.io import write_arrays, write_json
 
         directory = Path(directory)
         write_arrays(directory / "diagnostics.npz", variance=self.variance, angles=self.angles,
@@ -144,7 +144,7 @@ def diagnose(model, sub: Subspace, fit_states, test_states, *, token_layers=None
 
 def write_figures(directory, diag: Diagnostics) -> list[str]:
     """lid.png (language ID per layer), variance.png, cosine.png, angles.png; returns their names."""
-    from jaxlens.figures import _pyplot
+    from jaxlens.report.figures import _pyplot
 
     plt = _pyplot()
     directory = Path(directory)

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxlens import interventions as iv
-from jaxlens.config import ModelConfig
-from jaxlens.io import read_arrays, write_arrays, write_json
-from jaxlens.models import forward
+from jaxlens.core import interventions as iv
+from jaxlens.core.config import ModelConfig
+from jaxlens.report.io import read_arrays, write_arrays, write_json
+from jaxlens.core.forward import forward
 
 SITE = "resid_post"
 
@@ -89,7 +89,7 @@ def batch_sums(params, tokens, mask, groups, *, config: ModelConfig, last_norm: 
 def batch_states(params, tokens, mask, *, config: ModelConfig, last_norm: bool = True):
     """Each row's last-token state at every layer: [L, B, D] float32 (diagnostics need per-prompt
     states; still never [L, B, T, D])."""
-    from jaxlens.reducers import Take
+    from jaxlens.core.reducers import Take
 
     index = iv.last_index(mask)
     capture = ("final_norm",) if last_norm else ()
@@ -112,7 +112,7 @@ class Probe:
 
 def _batches(model, prompts: dict[str, Sequence[str]], batch_rows: int):
     """(tokens, mask, language index per row (-1 padding)) in fixed-size left-padded batches."""
-    from jaxlens.states import left_padded
+    from jaxlens.methods.states import left_padded
 
     flat = [(k, text) for k, lang in enumerate(prompts) for text in prompts[lang]]
     for start in range(0, len(flat), batch_rows):
@@ -309,7 +309,7 @@ def steer_scores(model, items, template, sub: Subspace, points, *, kind: str = "
                  method: str = "letters", batch_rows: int = 8, chunk: int | None = None, progress: bool = True):
     """Scores [G, N, O] of every item at every (layer, alpha) point of `points` [G, 2], one program
     per batch (`jaxlens.sweep`): each row gets its own language's δ_k (English and unknown: none)."""
-    from jaxlens.sweep import sweep_scores
+    from jaxlens.methods.sweep import sweep_scores
 
     if kind not in KINDS:
         raise ValueError(f"unknown intervention kind {kind!r}; choose one of {', '.join(KINDS)}")
