@@ -256,3 +256,124 @@ def test_diagnose_and_figures(tiny, tiny_sub, tmp_path):
     diag.save(tmp_path)
     names = sd.write_figures(tmp_path, diag)
     assert all((tmp_path / n).stat().st_size > 1000 for n in names)
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+TRAIN = {lang: [f"{w} {lang} {i}" for i, w in enumerate(["man home", "rain day", "keys lost", "she went", "all it", "day man",
+                                                          "home rain", "lost she"])] for lang in ("en", "xx", "yy")}
+
+
+def test_losses_match_a_direct_computation():
+    import jax.numpy as jnp
+
+    from jaxlens.methods import subspace_train as st
+
+    rng = np.random.default_rng(0)
+    K, B, D = 3, 4, 6
+    h, h0, m, m0 = (rng.standard_normal((K, B, D)) for _ in range(4))
+    basis = np.linalg.qr(rng.standard_normal((D, 2)))[0].T
+    a = rng.standard_normal(D)
+    a /= np.linalg.norm(a)
+    delta = rng.standard_normal((K, D))
+    total, parts = st.losses(*(jnp.asarray(x) for x in (h, m, h0, m0)), tuple(jnp.asarray(x) for x in (basis, a, delta)),
+                             (1.0, 2.0, 3.0), 0.5)
+    P, Pa = basis.T @ basis, np.outer(a, a)
+    retain = np.mean((m[0] - m0[0]) ** 2)
+    separate = sum(np.mean((h[k] @ P - h0[k] @ P - 0.5 * delta[k]) ** 2) for k in (1, 2))
+    align = sum(np.mean((h[0] @ Pa - h[k] @ Pa) ** 2) for k in (1, 2))
+    np.testing.assert_allclose([parts["retain"], parts["separate"], parts["align"]], [retain, separate, align], rtol=1e-5)
+    np.testing.assert_allclose(total, retain + 2 * separate + 3 * align, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tiny_sub):
+    from jaxlens.methods import subspace_train as st
+
+    model, _, _ = tiny
+    sub = ss.fit(ss.probe_prompts(model, TRAIN, batch_rows=8))
+    cfg = st.TrainConfig(batch=4, lr=3e-3, epochs=10, warmup=0.1, accumulate=1)
+    return sub, cfg, st.train(model, sub, TRAIN, config=cfg, progress=False)
+
+
+def test_training_lowers_the_loss_and_keeps_frozen_layers_bitwise(tiny, trained):
+    import jax
+
+    from jaxlens.methods import subspace_train as st
+
+    model, _, _ = tiny
+    _, _, result = trained
+    L = model.config.n_layers
+    assert result.layers == tuple(st.default_layers(L)) == (L - 1,)
+    total = result.log["total"]
+    assert np.mean(total[-2:]) < 0.5 * np.mean(total[:2]), total
+    merged = st.merge(model.params, result.trained, result.layers)
+    for path, new in jax.tree_util.tree_leaves_with_path(merged):
+        old = np.asarray(dict(jax.tree_util.tree_leaves_with_path(model.params))[path])
+        new = np.asarray(new)
+        if path[0].key == "layers":
+            np.testing.assert_array_equal(new[: L - 1], old[: L - 1])  # below the trained layer: bitwise
+        else:
+            np.testing.assert_array_equal(new, old)  # embeddings, final norm: bitwise
+    kernel = lambda p: np.asarray(p["layers"]["mlp"]["down"]["kernel"][L - 1])  # noqa: E731
+    assert not np.array_equal(kernel(merged), kernel(model.params))
+
+
+def test_switched_off_losses_are_logged_but_not_trained(tiny, trained):
+    from jaxlens.methods import subspace_train as st
+
+    model, _, _ = tiny
+    sub, _, _ = trained
+    cfg = st.TrainConfig(batch=4, lr=1e-3, weights=(0.0, 0.0, 1.0))
+    result = st.train(model, sub, TRAIN, config=cfg, progress=False)
+    np.testing.assert_allclose(result.log["total"], result.log["align"], rtol=1e-6)
+    assert result.log["retain"][0] < 1e-10 and result.log["separate"][0] > 0  # first step: θ = θ0, so retain ~0
+    acc = st.train(model, sub, TRAIN, config=st.TrainConfig(batch=2, accumulate=2, lr=1e-3), progress=False)
+    assert len(acc.log["total"]) == 4
+
+
+def test_delta_saves_only_trained_layers_and_loads(tiny, trained, tmp_path):
+    import jaxlens
+    from jaxlens.methods import subspace_train as st
+
+    model, _, directory = tiny
+    sub, cfg, result = trained
+    st.save(tmp_path / "delta", result, model_name="tiny", config=model.config, train_config=cfg)
+    meta = st.read_meta(tmp_path / "delta")
+    assert meta["layers"] == [model.config.n_layers - 1] and len(meta["log"]["total"]) == 20
+    back = jaxlens.load(str(directory), delta=tmp_path / "delta")
+    tokens, mask = model.encode(["man home en"])
+    want = forward(st.merge(model.params, result.trained, result.layers), tokens, mask, config=model.config)[0]
+    got = back(tokens, mask)[0]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert not np.allclose(np.asarray(got), np.asarray(model(tokens, mask)[0]))
+
+
+def test_training_errors(tiny, trained):
+    from jaxlens.methods import subspace_train as st
+
+    model, _, _ = tiny
+    sub, _, _ = trained
+    with pytest.raises(ValueError, match=r"trained layer\(s\) \[3\] outside"):
+        st.train(model, sub, TRAIN, config=st.TrainConfig(layers=(3,)), progress=False)
+    with pytest.raises(ValueError, match="must be parallel"):
+        st.train(model, sub, {**TRAIN, "xx": TRAIN["xx"][:3]}, progress=False)
+    with pytest.raises(ValueError, match="not in the subspace"):
+        st.train(model, sub, {**TRAIN, "zz": TRAIN["xx"]}, progress=False)
+    with pytest.raises(FileNotFoundError, match="not a subspace delta"):
+        st.apply_delta(model, ".")
+
+
+@pytest.mark.slow
+def test_one_step_on_eight_devices_equals_one(tiny):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, _, directory = tiny
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    script = Path(__file__).with_name("subspace_mesh_check.py")
+    run = subprocess.run([sys.executable, str(script), str(directory)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "train step equal on 1 and 8 devices" in run.stdout
