@@ -3,6 +3,8 @@ form at rank K-1, reducer means against captured states, the artifact round trip
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -377,3 +379,51 @@ def test_one_step_on_eight_devices_equals_one(tiny):
     run = subprocess.run([sys.executable, str(script), str(directory)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "train step equal on 1 and 8 devices" in run.stdout
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+
+def _jsonl(path, prompts):
+    from jaxlens.data.parallel import write_prompts
+
+    write_prompts(path, prompts)
+    return str(path)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["probe", "--langs", "en", "--model", "/nonexistent"], "at least 2 languages"),
+    (["probe", "--langs", "zh,sw", "--model", "/nonexistent"], "must include 'en'"),
+    (["probe", "--langs", "en,zh", "--rank", "2", "--model", "/nonexistent"], "--rank 2 must be between 1 and"),
+    (["train", "--space", "/nonexistent", "--layers", "-1", "--model", "/nonexistent"], "a trained layer outside the model"),
+])
+def test_cli_errors_before_loading(argv, message, tmp_path, capsys):
+    from jaxlens import cli
+
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["subspace", *argv, "--out", str(tmp_path / "o")])
+
+
+def test_cli_probe_report_steer_train(tiny, tmp_path, capsys):
+    from jaxlens import cli
+    from jaxlens.methods import subspace_train as st
+
+    model, _, directory = tiny
+    data = _jsonl(tmp_path / "p.jsonl", {l: TRAIN[l] * 2 for l in TRAIN})
+    space = tmp_path / "space"
+    assert cli.main(["subspace", "probe", "--model", str(directory), "--data", data, "--langs", "en,xx,yy", "--fit", "10",
+                     "--test", "6", "--out", str(space)]) == 0
+    for name in ("subspace.npz", "subspace.json", "index.html", "lid.png", "summary.json"):
+        assert (space / name).exists(), name
+    assert cli.main(["subspace", "report", "--space", str(space), "--compare", str(space), "--data", data,
+                     "--fit", "10", "--test", "6", "--out", str(tmp_path / "rep")]) == 0
+    angles = json.loads((tmp_path / "rep" / "summary.json").read_text())["angles_to_compare"]
+    np.testing.assert_allclose(angles, 0, atol=1e-3)  # a subspace with itself
+    L = model.config.n_layers
+    with pytest.raises(SystemExit, match=rf"outside the model's layers 0..{L - 1}"):
+        cli.main(["subspace", "train", "--space", str(space), "--data", data, "--layers", str(L), "--out", str(tmp_path / "x")])
+    assert cli.main(["subspace", "train", "--space", str(space), "--data", data, "--prompts", "16", "--batch", "4",
+                     "--lr", "1e-3", "--out", str(tmp_path / "delta")]) == 0
+    assert st.read_meta(tmp_path / "delta")["layers"] == [L - 1]
+    assert "total loss" in capsys.readouterr().out
+
