@@ -218,6 +218,7 @@ def test_language_id_and_cosines_on_synthetic_clusters():
     np.testing.assert_array_equal(lid["subspace"], 1.0)  # the offsets live in span(m_k - m_en)
     # In the complement the offsets are gone: language identity is at chance for a nearest mean.
     assert np.all(lid["complement_nearest"] < 0.6)
+    assert np.all(lid["complement_probe"] < 0.6) and np.all(lid["full_probe"] > 0.95)
     cos = sd.english_cosine(sub, test_states)
     np.testing.assert_allclose(cos["before"][:, 0], 1.0)  # English with itself
     assert np.all(cos["after"][:, 1:] > cos["before"][:, 1:])  # removing M_s brings languages together

@@ -43,24 +43,33 @@ def ridge_probe(x_fit, y_fit, x_test, n_classes: int, lam: float = 1e-2) -> np.n
 
 
 def language_id(sub: Subspace, fit_states: dict[str, np.ndarray], test_states: dict[str, np.ndarray]) -> dict:
-    """Accuracy per layer [L] of: nearest mean inside M_s ("subspace"), nearest mean in the
-    complement ("complement_nearest"), a ridge probe in the complement ("complement_probe").
-    States {lang: [L, N, D]}; the means are the subspace's own (its probe corpus)."""
+    """Accuracy per layer [L] of: nearest mean inside M_s ("subspace", means from the probe corpus,
+    tested on every held-out prompt); nearest mean in the complement ("complement_nearest": at full
+    rank the means coincide there, so this is chance by construction, a sanity check); a ridge
+    probe in the complement ("complement_probe") and on the whole state ("full_probe").
+
+    The probes are fitted on the first half of the held-out prompts and tested on the second:
+    fitted on the probe corpus itself they would be blind by construction (its class means are
+    equal in the complement, and a least-squares probe reads only class means). States {lang: [L, N, D]}."""
     langs = list(sub.langs)
     L = sub.basis.shape[0]
-    y_fit = np.concatenate([np.full(fit_states[lang].shape[1], k) for k, lang in enumerate(langs)])
     y_test = np.concatenate([np.full(test_states[lang].shape[1], k) for k, lang in enumerate(langs)])
-    out = {name: np.zeros(L) for name in ("subspace", "complement_nearest", "complement_probe")}
+    half = {lang: test_states[lang].shape[1] // 2 for lang in langs}
+    y_a = np.concatenate([np.full(half[lang], k) for k, lang in enumerate(langs)])
+    y_b = np.concatenate([np.full(test_states[lang].shape[1] - half[lang], k) for k, lang in enumerate(langs)])
+    out = {name: np.zeros(L) for name in ("subspace", "complement_nearest", "complement_probe", "full_probe")}
     for l in range(L):
         M, means = sub.basis[l], sub.means[l]
-        fit = np.concatenate([fit_states[lang][l] for lang in langs]).astype(np.float64)
         test = np.concatenate([test_states[lang][l] for lang in langs]).astype(np.float64)
         dist = ((test @ M.T)[:, None] - (means @ M.T)[None]) ** 2
         out["subspace"][l] = np.mean(dist.sum(-1).argmin(1) == y_test)
         cm, ct = _complement(means, M), _complement(test, M)
         out["complement_nearest"][l] = np.mean(((ct[:, None] - cm[None]) ** 2).sum(-1).argmin(1) == y_test)
-        pred = ridge_probe(_complement(fit, M), y_fit, ct, len(langs))
-        out["complement_probe"][l] = np.mean(pred == y_test)
+        a = np.concatenate([test_states[lang][l][: half[lang]] for lang in langs]).astype(np.float64)
+        b = np.concatenate([test_states[lang][l][half[lang]:] for lang in langs]).astype(np.float64)
+        out["complement_probe"][l] = np.mean(ridge_probe(_complement(a, M), y_a, _complement(b, M), len(langs)) == y_b)
+        out["full_probe"][l] = np.mean(ridge_probe(a, y_a, b, len(langs)) == y_b)
+    del fit_states  # the means come from the subspace itself
     return out
 
 
@@ -152,9 +161,10 @@ def write_figures(directory, diag: Diagnostics) -> list[str]:
     x = np.arange(L)
     fig, ax = plt.subplots(figsize=(8, 3.5), dpi=110)
     w = 0.28
-    for i, (name, label) in enumerate([("subspace", "nearest mean in M_s"), ("complement_nearest", "nearest mean, complement"),
-                                       ("complement_probe", "linear probe, complement")]):
+    for i, (name, label) in enumerate([("subspace", "nearest mean in M_s"), ("complement_probe", "linear probe, complement"),
+                                       ("full_probe", "linear probe, whole state")]):
         ax.bar(x + (i - 1) * w, diag.lid[name], w, label=label)
+    ax.axhline(1 / len(diag.langs), color="red", linestyle=":", linewidth=1, label="chance")
     ax.axhline(0.95, color="gray", linestyle=":", linewidth=1)
     ax.set(xlabel="layer", ylabel="held-out accuracy", title="language identification", ylim=(0, 1.02))
     ax.legend(fontsize=7, loc="lower right")
