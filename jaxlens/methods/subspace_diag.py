@@ -167,6 +167,7 @@ def write_figures(directory, diag: Diagnostics) -> list[str]:
     ax.axhline(1 / len(diag.langs), color="red", linestyle=":", linewidth=1, label="chance")
     ax.axhline(0.95, color="gray", linestyle=":", linewidth=1)
     ax.set(xlabel="layer", ylabel="held-out accuracy", title="language identification", ylim=(0, 1.02))
+    ax.set_xticks(x)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout(), fig.savefig(directory / "lid.png"), plt.close(fig)
 
