@@ -12,6 +12,7 @@ optionally features = the last axis, e.g. neurons) and WHAT (an op on the site's
   scale      x * factor                               factor scalar or [F]
   set        value                                    value  [F], [B, F] or [B, T, F]
   project    x - P (x - mean)  ("out"), P x ("onto")  basis  [k, F] orthonormal rows, P = basisᵀ basis
+  scale_along x + (alpha - 1) P x  (the component in span(basis) times alpha; alpha 0 = project out)
 
 `ablate` (zero or mean, neurons or directions), `patch` (a captured cache) and `transplant` (another
 pass's value, with a position map) are built from these. Any array may carry a leading [L] axis
@@ -37,7 +38,7 @@ from flax import struct
 from jaxlens.core.sites import LAYER_SITES
 
 INTERVENABLE_SITES = tuple(s for s in LAYER_SITES if s != "attn_probs")
-OPS = ("add", "scale", "set", "project_out", "project_onto")
+OPS = ("add", "scale", "set", "project_out", "project_onto", "scale_along")
 
 
 @struct.dataclass
@@ -46,7 +47,7 @@ class Intervention:
     op: str = struct.field(pytree_node=False)
     per_layer: bool = struct.field(pytree_node=False)
     value: jnp.ndarray  # what the op uses: vector / factor / value / basis (see the module doc)
-    alpha: jnp.ndarray  # scalar weight of `add`; 1 elsewhere
+    alpha: jnp.ndarray  # scalar weight of `add`, factor of `scale_along`; 1 elsewhere
     mean: jnp.ndarray | None  # `project_out`: the value the removed component is set to (None = 0)
     layers: jnp.ndarray | None  # [n] int32 layer indices; None = every layer
     positions: jnp.ndarray | None  # [B, T] or [T] bool; None = every position
@@ -65,6 +66,8 @@ class Intervention:
             new = x * value
         elif self.op == "set":
             new = jnp.broadcast_to(value, x.shape)
+        elif self.op == "scale_along":  # alpha is an array, so a sweep over factors is one program
+            new = x + (self.alpha.astype(x.dtype) - 1) * jnp.einsum("btf,kf,kg->btg", x, value, value)
         else:  # project: basis [k, F]
             centred = x if self.mean is None else x - row(self.mean).astype(x.dtype)
             component = jnp.einsum("btf,kf,kg->btg", centred, value, value)  # P (x - mean)
@@ -214,6 +217,15 @@ def project_onto(site, basis, *, layers=None, positions=None, per_layer=False) -
     if basis.ndim == 1 + int(per_layer):
         basis = basis[..., None, :]
     return _make(site, "project_onto", basis, layers=layers, positions=positions, per_layer=per_layer)
+
+
+def scale_along(site, basis, factor, *, layers=None, positions=None, per_layer=False) -> Intervention:
+    """Scale the component in span(basis) by `factor`: x + (factor - 1) P x. basis [k, F] (or [F])
+    with orthonormal rows; factor 0 removes the component, 1 is the identity."""
+    basis = jnp.asarray(basis)
+    if basis.ndim == 1 + int(per_layer):
+        basis = basis[..., None, :]
+    return _make(site, "scale_along", basis, alpha=factor, layers=layers, positions=positions, per_layer=per_layer)
 
 
 def patch(site, cache, *, layers=None, positions=None) -> Intervention:

@@ -9,18 +9,24 @@ from jaxlens.core.sharding import default_mesh
 from jaxlens.runtime.zoo import resolve_model
 
 
-def load(src, dtype="float32", mesh=None, tokenizer=None, allow_pickle: bool = False) -> Model:
+def load(src, dtype="float32", mesh=None, tokenizer=None, allow_pickle: bool = False, delta=None) -> Model:
     """Load a checkpoint (alias, HF dir, hub id, .gguf, or a `jaxlens convert` output) as a `Model`.
 
     tokenizer: a transformers tokenizer, a path/hub id to load one from, or None to take the
     checkpoint's own (HF files next to the weights, or the GGUF metadata).
+    delta: a directory of trained layers (`jaxlens subspace train`) put in place of the base's own.
     """
     from jaxlens.converters import load_checkpoint
 
     src = resolve_model(src) if isinstance(src, str) else src
     mesh = mesh or default_mesh()
     config, params = load_checkpoint(src, dtype=dtype, mesh=mesh, allow_pickle=allow_pickle)
-    return Model(config, params, load_tokenizer(src, tokenizer), mesh)
+    model = Model(config, params, load_tokenizer(src, tokenizer), mesh)
+    if delta is not None:
+        from jaxlens.methods.subspace_train import apply_delta
+
+        model = apply_delta(model, delta)
+    return model
 
 
 def load_tokenizer(src, tokenizer=None):
