@@ -53,7 +53,7 @@ def check(label, fn):
     with record_placements() as log:
         fn()
     assert log, f"{label}: no batch went through the runtime's placement"
-    bad = [s for s in log if s.spec[:1] != ("data",) or len(s.device_set) != 8]
+    bad = [s for s, axis in log if s.spec[axis : axis + 1] != ("data",) or len(s.device_set) != 8]
     assert not bad, f"{label}: batch arrays not split over data: {bad[:3]}"
     print(f"{label}: {len(log)} batch arrays, all split over data")
 

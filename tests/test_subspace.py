@@ -386,9 +386,9 @@ def test_one_step_on_eight_devices_equals_one(tiny):
 
 
 def _jsonl(path, prompts):
-    from jaxlens.data.parallel import write_prompts
+    from jaxlens.report.io import write_jsonl
 
-    write_prompts(path, prompts)
+    write_jsonl(path, [{"id": i, "lang": l, "text": t} for l, v in prompts.items() for i, t in enumerate(v)])
     return str(path)
 
 

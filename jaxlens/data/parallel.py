@@ -51,9 +51,3 @@ def read_prompts(path, langs: Sequence[str] | None = None) -> dict[str, list[str
 def split_prompts(prompts: dict[str, list[str]], n_fit: int, n_test: int) -> tuple[dict, dict]:
     """The first n_fit rows to fit, the next n_test to test (parallel rows stay parallel)."""
     return ({l: v[:n_fit] for l, v in prompts.items()}, {l: v[n_fit : n_fit + n_test] for l, v in prompts.items()})
-
-
-def write_prompts(path, prompts: dict[str, list[str]]) -> Path:
-    from jaxlens.report.io import write_jsonl
-
-    return write_jsonl(path, [{"id": i, "lang": l, "text": t} for l, v in prompts.items() for i, t in enumerate(v)])

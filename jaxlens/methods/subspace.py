@@ -111,16 +111,14 @@ class Probe:
 
 
 def _batches(model, prompts: dict[str, Sequence[str]], batch_rows: int):
-    """(tokens, mask, language index per row (-1 padding)) in fixed-size left-padded batches."""
-    from jaxlens.methods.states import left_padded
+    """(batches, language index of every prompt) for {lang: [text]} in the runtime's fixed-size,
+    bucketed, left-padded batches over the mesh."""
+    from jaxlens.runtime.batching import text_batches
+    from jaxlens.runtime.placement import batch_rows as rows_for
 
     flat = [(k, text) for k, lang in enumerate(prompts) for text in prompts[lang]]
-    for start in range(0, len(flat), batch_rows):
-        chunk = flat[start : start + batch_rows]
-        tokens, mask = left_padded(model, [t for _, t in chunk], batch_rows)
-        lang = np.full(batch_rows, -1)
-        lang[: len(chunk)] = [k for k, _ in chunk]
-        yield tokens, mask, lang
+    lang = np.array([k for k, _ in flat])
+    return text_batches(model, [t for _, t in flat], rows_for(model.mesh, batch_rows)), lang
 
 
 def check_prompts(prompts: dict[str, Sequence[str]], english: str = "en") -> None:
@@ -138,18 +136,24 @@ def check_prompts(prompts: dict[str, Sequence[str]], english: str = "en") -> Non
 def probe_prompts(model, prompts: dict[str, Sequence[str]], *, english: str = "en", last_norm: bool = True,
                   batch_rows: int = 8, progress: bool = False, meta: dict | None = None) -> Probe:
     """Per-language means at every layer from {lang: [text]} (any prompts, not necessarily parallel)."""
-    from tqdm import tqdm
+    from jaxlens.runtime.loop import accumulate
 
     check_prompts(prompts, english)
     langs = tuple(prompts)
     L, K, D = model.config.n_layers, len(langs), model.config.d_model
+    batches, lang = _batches(model, prompts, batch_rows)
+
+    def groups(b):  # [B, K] one-hot language of each row (padding rows: none)
+        row_lang = np.where(b.index >= 0, lang[np.maximum(b.index, 0)], -1)
+        return (row_lang[:, None] == np.arange(K)[None]).astype(np.float32)
+
+    def step(b, total, tokens, mask, g):
+        out = batch_sums(model.params, tokens, mask, g, config=model.config, last_norm=last_norm)
+        return jax.tree.map(jnp.add, total, out)
+
     total = {"sum": jnp.zeros((L, K, D), jnp.float32), "count": jnp.zeros((L, K), jnp.float32)}
-    n = sum(len(v) for v in prompts.values())
-    for tokens, mask, lang in tqdm(_batches(model, prompts, batch_rows), total=-(-n // batch_rows), desc="probe",
-                                   disable=not progress, leave=False):
-        groups = (lang[:, None] == np.arange(K)[None]).astype(np.float32)
-        out = batch_sums(model.params, tokens, mask, groups, config=model.config, last_norm=last_norm)
-        total = jax.tree.map(jnp.add, total, out)
+    total = accumulate(batches, step, total, mesh=model.mesh, inputs=lambda b: (b.tokens, b.mask, groups(b)),
+                       desc="probe", progress=progress)
     sums, counts = np.asarray(total["sum"], np.float64), np.asarray(total["count"][0], np.float64)
     meta = {"english": english, "last_norm": last_norm, "position": "last prompt token", "site": SITE,
             "corpus_sha256": corpus_sha256(prompts), **(meta or {})}
@@ -158,10 +162,12 @@ def probe_prompts(model, prompts: dict[str, Sequence[str]], *, english: str = "e
 
 def prompt_states(model, texts: Sequence[str], *, last_norm: bool = True, batch_rows: int = 8) -> np.ndarray:
     """[L, N, D] last-token states of texts (layer first)."""
-    out = []
-    for tokens, mask, lang in _batches(model, {"_": list(texts)}, batch_rows):
-        states = np.asarray(batch_states(model.params, tokens, mask, config=model.config, last_norm=last_norm))
-        out.append(states[:, lang >= 0])
+    from jaxlens.runtime.loop import stream
+
+    batches, _ = _batches(model, {"_": list(texts)}, batch_rows)
+    step = lambda b, tokens, mask: batch_states(model.params, tokens, mask, config=model.config, last_norm=last_norm)  # noqa: E731
+    out = [states[:, : b.n_real] for b, states in stream(batches, step, mesh=model.mesh, inputs=lambda b: (b.tokens, b.mask),
+                                                         progress=False)]
     return np.concatenate(out, axis=1)
 
 

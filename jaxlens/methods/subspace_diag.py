@@ -109,12 +109,13 @@ def top_tokens(model, sub: Subspace, layers: Sequence[int], k: int = 8) -> dict:
 
     from jaxlens.kernels.lens import final_norm
     from jaxlens.core.modules import unembed
+    from jaxlens.runtime.placement import to_host
 
     out = {}
     for l in layers:
         rows = {"agnostic": sub.agnostic[l]} | {lang: sub.delta[l, i] for i, lang in enumerate(sub.langs) if lang != sub.english}
         vectors = jnp.asarray(np.stack(list(rows.values())), jnp.float32)
-        logits = np.asarray(unembed(model.params, final_norm(model.params, vectors, model.config), model.config))
+        logits = to_host(unembed(model.params, final_norm(model.params, vectors, model.config), model.config))
         ids = np.argsort(-logits, axis=-1)[:, :k]
         out[int(l)] = {name: [model.tokenizer.decode([int(i)]) for i in row] for name, row in zip(rows, ids)}
     return out

@@ -35,8 +35,8 @@ import optax
 from jaxlens.core.config import ModelConfig
 from jaxlens.core.forward import forward
 from jaxlens.methods.subspace import Subspace, last_rows
+from jaxlens.runtime.deltas import META_FILE, apply_delta, check_layers, merge, read_meta, split  # noqa: F401
 
-META_FILE = "subspace_delta.json"
 LOSSES = ("retain", "separate", "align")
 
 
@@ -44,15 +44,6 @@ def default_layers(n_layers: int) -> list[int]:
     """The top 2/32 of the depth (the authors: layers 30, 31 of 32), at least one."""
     n = max(1, round(n_layers * 2 / 32))
     return list(range(n_layers - n, n_layers))
-
-
-def check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
-    layers = sorted({int(l) for l in layers})
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad or not layers:
-        raise ValueError(f"trained layer(s) {bad or '[]'} outside the model's layers 0..{n_layers - 1}; "
-                         f"name layers in that range (default: the top {len(default_layers(n_layers))})")
-    return layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,19 +62,6 @@ class TrainConfig:
 
 
 # ---- params: gather the trained layers, scatter them back ----------------------------------------
-
-
-def split(params, layers) -> dict:
-    """The trained rows of the stacked layer params: {"layers": tree with a leading [n] axis}."""
-    idx = jnp.asarray(layers, jnp.int32)
-    return {"layers": jax.tree.map(lambda a: a[idx], params["layers"])}
-
-
-def merge(params, trained, layers):
-    """params with the trained rows put back; every other array and row is the original."""
-    idx = jnp.asarray(layers, jnp.int32)
-    new_layers = jax.tree.map(lambda a, t: a.at[idx].set(t.astype(a.dtype)), params["layers"], trained["layers"])
-    return {**params, "layers": new_layers}
 
 
 # ---- losses --------------------------------------------------------------------------------------
@@ -205,9 +183,7 @@ class TrainResult:
 def train(model, sub: Subspace, prompts: dict[str, Sequence[str]], *, config: TrainConfig = TrainConfig(),
           progress: bool = True) -> TrainResult:
     """Train `config.layers` of `model` on parallel prompts with the Lens losses."""
-    from tqdm import tqdm
-
-    from jaxlens.core.sharding import batch_sharding
+    from jaxlens.runtime.loop import stream
 
     L = model.config.n_layers
     layers = tuple(check_layers(config.layers if config.layers is not None else default_layers(L), L))
@@ -226,20 +202,20 @@ def train(model, sub: Subspace, prompts: dict[str, Sequence[str]], *, config: Tr
     opt_state = opt.init(trained)
     log = {name: [] for name in ("total",) + LOSSES}
     t0 = time.perf_counter()
-    bar = tqdm(total=n_batches, desc="train", disable=not progress, leave=False)
-    for _ in range(config.epochs):
-        for tokens, mask in batches(model, prompts, langs, config.batch, config.max_length):
-            shard = batch_sharding(model.mesh, config.batch)
-            spec = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec(None, *shard.spec))
-            tokens, mask = jax.device_put((tokens, mask), spec)  # the batch axis over `data`
-            trained, opt_state, out = train_step(trained, opt_state, model.params, tokens, mask, space, config=model.config,
-                                                 layers=layers, loss_layer=loss_layer, weights=tuple(config.weights),
-                                                 separation=float(config.separation), opt=opt)
-            for k, v in out.items():
-                log[k].append(float(v))
-            bar.update(1)
-            bar.set_postfix(total=f"{log['total'][-1]:.4g}")
-    bar.close()
+    state = {"trained": trained, "opt": opt_state}
+
+    def step(_, tokens, mask):  # the parameters stay on device; the losses come back one step behind
+        state["trained"], state["opt"], out = train_step(
+            state["trained"], state["opt"], model.params, tokens, mask, space, config=model.config, layers=layers,
+            loss_layer=loss_layer, weights=tuple(config.weights), separation=float(config.separation), opt=opt)
+        return out
+
+    micro = [b for _ in range(config.epochs) for b in batches(model, prompts, langs, config.batch, config.max_length)]
+    for _, out in stream(micro, step, mesh=model.mesh, inputs=lambda b: b, batch_axis=1, desc="train", progress=progress,
+                         size=lambda b: int(b[1].sum())):
+        for k, v in out.items():
+            log[k].append(float(v))
+    trained = state["trained"]
     log["seconds"] = time.perf_counter() - t0
     return TrainResult(trained, layers, log)
 
@@ -264,25 +240,6 @@ def save(out, result: TrainResult, *, model_name: str | None = None, config: Mod
     return Path(out)
 
 
-def read_meta(directory) -> dict:
-    directory = Path(directory).absolute()
-    if not (directory / META_FILE).exists():
-        raise FileNotFoundError(f"{directory} is not a subspace delta (no {META_FILE}); make one with `jaxlens subspace train`")
-    return json.loads((directory / META_FILE).read_text())
 
 
-def apply_delta(model, directory):
-    """The model with the saved trained layers put in place of its own (same shapes and dtypes)."""
-    import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
-    meta = read_meta(directory)
-    L = model.config.n_layers
-    if meta.get("n_layers") not in (None, L) or meta.get("d_model") not in (None, model.config.d_model):
-        raise ValueError(f"delta {directory} was trained on {meta['n_layers']} layers of width {meta['d_model']}; "
-                         f"this model has {L} of width {model.config.d_model}")
-    layers = check_layers(meta["layers"], L)
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), split(model.params, layers))
-    with ocp.StandardCheckpointer() as ckpt:
-        trained = ckpt.restore(directory / "layers", target)
-    return dataclasses.replace(model, params=merge(model.params, trained, layers))

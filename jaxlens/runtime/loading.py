@@ -23,7 +23,7 @@ def load(src, dtype="float32", mesh=None, tokenizer=None, allow_pickle: bool = F
     config, params = load_checkpoint(src, dtype=dtype, mesh=mesh, allow_pickle=allow_pickle)
     model = Model(config, params, load_tokenizer(src, tokenizer), mesh)
     if delta is not None:
-        from jaxlens.methods.subspace_train import apply_delta
+        from jaxlens.runtime.deltas import apply_delta
 
         model = apply_delta(model, delta)
     return model

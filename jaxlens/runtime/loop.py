@@ -31,8 +31,9 @@ def _tokens(batch) -> int:
 
 
 def stream(batches: Sequence, step: Callable, *, mesh, inputs: Callable, desc: str | None = None,
-           progress: bool = True, size: Callable[[Any], int] = _tokens) -> Iterator[tuple[Any, Any]]:
-    """Yield (batch, step's outputs as numpy) for every batch, one batch behind the device."""
+           progress: bool = True, size: Callable[[Any], int] = _tokens, batch_axis: int = 0) -> Iterator[tuple[Any, Any]]:
+    """Yield (batch, step's outputs as numpy) for every batch, one batch behind the device. A step
+    may carry state in its closure (training): only its outputs are read back."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(size(b) for b in batches), desc=desc, unit="tok", unit_scale=True,
@@ -40,7 +41,7 @@ def stream(batches: Sequence, step: Callable, *, mesh, inputs: Callable, desc: s
     pending = None
     try:
         for batch in batches:
-            out = step(batch, *(put(mesh, a) for a in inputs(batch)))
+            out = step(batch, *(put(mesh, a, batch_axis=batch_axis) for a in inputs(batch)))
             if pending is not None:
                 yield pending[0], to_host(pending[1])
                 bar.update(size(pending[0]))

@@ -22,13 +22,16 @@ def batch_rows(mesh: Mesh, rows: int) -> int:
     return -(-max(1, rows) // n) * n
 
 
-def put(mesh: Mesh, *arrays):
-    """Arrays with a leading batch axis onto `mesh`, split over its data axes (replicated when the
-    batch does not divide them). Returns one array or a tuple, as given."""
-    placed = tuple(jax.device_put(np.asarray(a) if not isinstance(a, jax.Array) else a, batch_sharding(mesh, np.shape(a)[0]))
-                   for a in arrays)
+def put(mesh: Mesh, *arrays, batch_axis: int = 0):
+    """Arrays with a batch axis (default the first) onto `mesh`, split over its data axes
+    (replicated when the batch does not divide them). Returns one array or a tuple, as given."""
+    def sharding(a):
+        spec = batch_sharding(mesh, np.shape(a)[batch_axis]).spec
+        return NamedSharding(mesh, P(*([None] * batch_axis), *spec))
+
+    placed = tuple(jax.device_put(np.asarray(a) if not isinstance(a, jax.Array) else a, sharding(a)) for a in arrays)
     for log in _RECORDERS:
-        log.extend(a.sharding for a in placed)
+        log.extend((a.sharding, batch_axis) for a in placed)
     return placed[0] if len(placed) == 1 else placed
 
 
