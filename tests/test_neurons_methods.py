@@ -184,8 +184,62 @@ def test_classes_and_lambda_on_planted_data():
 def test_search_lambda_bisection():
     assert N.search_lambda(lambda x: x <= 0.0731, 0.0, 0.2, 1e-3) == pytest.approx(0.0731, abs=1e-3)
     assert N.search_lambda(lambda x: x <= 0.0731, 0.0, 0.2, 1e-3) <= 0.0731
-    assert N.search_lambda(lambda x: True, 0.0, 0.2, 1e-3) == 0.2
-    assert N.search_lambda(lambda x: False, 0.0, 0.2, 1e-3) == 0.0
+    # The edges as the finer method's autosweep_lambda: an ok upper end is bisected to just below
+    # it (the last ok midpoint wins), and when even lo fails there is no lambda (None, not 0).
+    top = N.search_lambda(lambda x: True, 0.0, 0.2, 1e-3)
+    assert 0.2 - 1e-3 <= top < 0.2
+    assert N.search_lambda(lambda x: False, 0.0, 0.2, 1e-3) is None
+    assert N.search_lambda(lambda x: x == 0.0, 0.0, 0.2, 1e-3) == 0.0
+
+
+def test_classify_reports_when_no_lambda_works():
+    L, K, F = 4, 3, 200
+    probs = np.zeros((L, K, F))
+    probs[:, :, :4] = 0.9  # general (above tau in every language)
+    probs[:, :, 4:] = np.array([0.02, 0.01, 0.01])[:, None]  # below tau
+    got = N.classify(probs, top_rate=1.0)  # every neuron selected: the general ones at every lambda
+    assert got.lam_found is False and got.lam == 0.0
+    assert got.per_layer_selected[:, 3].sum() == 16
+    assert N.classify(probs, top_rate=1.0, lam=0.1).lam_found is None  # given, not searched
+
+
+def _with_dead_neurons(seed=0, L=6, K=4, F=200, dead=5):
+    rng = np.random.default_rng(seed)
+    probs = rng.uniform(0, 0.3, (L, K, F)) * (rng.uniform(size=(L, 1, F)) < 0.8)  # some quiet columns
+    probs[:, rng.integers(K, size=F // 10), np.arange(F // 10)] = 0.9  # a few language-specific ones
+    dead_idx = np.stack([rng.choice(np.arange(F // 10, F), dead, replace=False) for _ in range(L)])
+    for layer in range(L):
+        probs[layer, :, dead_idx[layer]] = 0.0
+    return probs, dead_idx
+
+
+def test_finer_classes_never_select_dead_neurons():
+    """A neuron that never fires counts as uniform (the reference's wrap_neuron), never selected."""
+    probs, dead_idx = _with_dead_neurons()
+    L = probs.shape[0]
+    dead = np.zeros(probs[:, 0].shape, bool)
+    dead[np.arange(L)[:, None], dead_idx] = True
+    np.testing.assert_allclose(N.normalized_entropy(probs)[dead], np.log(probs.shape[1]))
+    for lam in (0.0, 0.05, 0.1, 0.2, None):
+        got = N.classify(probs, top_rate=0.05, lam=lam)
+        assert got.selected.sum() == 60 and not (got.selected & dead).any(), lam
+
+
+def test_lape_unchanged_by_dead_neurons():
+    """LAPE as transcribed from RUCAIBox identify.py (nan -> 0 after p / sum, filtered to inf):
+    the dead neurons' entropy does not reach its selection."""
+    probs, _ = _with_dead_neurons(seed=1)
+    total = probs.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normed = np.nan_to_num(probs / total, nan=0.0)
+        entropy = -(normed * np.where(normed > 0, np.log(normed), 0)).sum(axis=1)
+    flat = np.sort(probs, axis=None)
+    filter_value = flat[round(flat.size * 0.95) - 1]
+    entropy[(probs > filter_value).sum(axis=1) == 0] = np.inf
+    want = np.zeros(entropy.size, bool)
+    want[np.argsort(entropy, axis=None, kind="stable")[: round(entropy.size * 0.01)]] = True
+    got = N.lape(probs)
+    np.testing.assert_array_equal(got.selected, want.reshape(entropy.shape))
 
 
 def test_four_stages_on_known_curve():

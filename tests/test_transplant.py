@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,40 @@ def test_analyse_upper_bound_unions_and_offline_pair():
     assert r["offline"]["best_pair"]["pair"] == [0, 0] and r["offline"]["best_pair"]["test_accuracy"] == 0.0
     assert r["offline"]["best_pair_into_layer_0"]["pair"] == [0, 0]
     assert xt.best_pair([0.5, 0.5, 0.9, 0.5], pairs, target_layer=1) == (1, 1)  # ties at j=1: largest i
+    assert r["offline"]["splits"] == {"pilot": ["0", "1"], "test": ["2", "3"]}
+
+
+def test_offline_splits_are_never_shrunk():
+    """The pilot and test splits are named and disjoint; a pilot that leaves fewer test items than
+    asked is refused (it was silently halved to min(pilot, n // 2) before)."""
+    targets = [ev.Item(str(n), "xx", "q", ("a", "b"), 0) for n in range(6)]
+    correct = np.random.default_rng(0).uniform(size=(4, 6)) < 0.5
+    r = xt.analyse_correct(targets, correct, xt.all_pairs(2), 2, pilot=3, test=2)["xx"]["offline"]
+    assert r["splits"] == {"pilot": ["0", "1", "2"], "test": ["3", "4"]} and (r["pilot_items"], r["test_items"]) == (3, 2)
+    with pytest.raises(ValueError, match="a pilot of 5 items plus 2 test item.s. needs 7 items per language; xx has 6"):
+        xt.analyse_correct(targets, correct, xt.all_pairs(2), 2, pilot=5, test=2)
+    with pytest.raises(ValueError, match="needs 7 items per language; xx has 6"):
+        xt.analyse_correct(targets, correct, xt.all_pairs(2), 2, pilot=6)  # the old code used 3 + 3
+    assert "offline" not in xt.analyse_correct(targets, correct, xt.all_pairs(2), 2, pilot=0)["xx"]
+
+
+def test_upper_bound_null_model():
+    """Under the null each pair keeps its accuracy a_p and solves a random subset of items, so an
+    item is unsolved with probability prod_p (1 - a_p): E[upper bound] = 1 - prod_p (1 - a_p)."""
+    rng = np.random.default_rng(1)
+    P, n = 12, 40
+    correct = np.zeros((P, n), bool)
+    for p, k in enumerate(rng.integers(2, 12, size=P)):
+        correct[p, :k] = True  # every pair right on the first items: the observed bound is low
+    accuracy = correct.mean(1)
+    null = xt.null_upper_bound(correct, permutations=2000, seed=3)
+    assert null["mean"] == pytest.approx(1 - np.prod(1 - accuracy), abs=0.01)
+    assert null["mean"] <= null["p95"] and null["permutations"] == 2000 and null["seed"] == 3
+    assert xt.null_upper_bound(correct, 50, seed=3) == xt.null_upper_bound(correct, 50, seed=3)  # seeded
+    targets = [ev.Item(str(i), "xx", "q", ("a", "b"), 0) for i in range(n)]
+    r = xt.analyse_correct(targets, correct, np.stack([np.arange(P), np.zeros(P, int)], 1), P, pilot=0,
+                           null_permutations=50, seed=3)["xx"]
+    assert r["upper_bound"] == accuracy.max() and r["upper_bound_null"] == xt.null_upper_bound(correct, 50, seed=3)
 
 def test_generation_after_a_transplant_equals_full_passes(tiny):
     """Greedy continuations under each pair (one vmapped program on a shared prefix cache) equal
@@ -197,9 +232,31 @@ def test_cli_end_to_end(tiny, tmp_path):
     one = json.loads((tmp_path / "one" / "summary.json").read_text())["generation"]
     assert one["n_pairs"] == 1 and one["languages"]["xx"]["pair_accuracy"][0][0] is None
     assert {json.loads(line)["pair"] == [1, 0] for line in (tmp_path / "one" / "generations.jsonl").read_text().splitlines()} == {True}
+    summary_null = summary["languages"]["xx"]["upper_bound_null"]
+    assert summary_null["permutations"] == 200 and 0 <= summary_null["mean"] <= 1
     with pytest.raises(SystemExit, match="--generate must be a number of new tokens >= 0"):
         main(["transplant", "--model", str(directory), "--data", str(data), "--langs", "xx", "--generate", "-1",
               "--out", str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match="--pair must be two layer indices"):
-        main(["transplant", "--model", str(directory), "--data", str(data), "--langs", "xx", "--pair", "0,99",
+        main(["transplant", "--model", str(directory), "--data", str(data), "--langs", "xx", "--pilot", "2", "--pair", "0,99",
               "--generate", "2", "--out", str(tmp_path / "bad")])
+
+
+def test_cli_refuses_a_pilot_that_does_not_fit_before_loading(tmp_path, monkeypatch):
+    import jaxlens
+    from jaxlens.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(jaxlens, "load", no_load)
+    with pytest.raises(SystemExit, match="--pilot 50 with at least one test item needs 51 items per language, but "
+                                         "--limit is 40.*Raise --limit to 51 or more, or lower --pilot"):
+        main(["transplant", "--limit", "40", "--pilot", "50", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--pilot 20 with --test 30 needs 50"):
+        main(["transplant", "--limit", "40", "--pilot", "20", "--test", "30", "--out", str(tmp_path / "x")])
+    data = tmp_path / "mc.jsonl"  # fewer items in the data than --limit
+    data.write_text("\n".join(json.dumps({"id": i, "lang": lang, "question": "q", "options": ["a", "b"], "answer": 0})
+                              for lang in ("en", "xx") for i in range(4)))
+    with pytest.raises(SystemExit, match="needs 5 items per language; xx has 4"):
+        main(["transplant", "--data", str(data), "--langs", "xx", "--pilot", "4", "--out", str(tmp_path / "x")])

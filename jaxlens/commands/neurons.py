@@ -190,7 +190,15 @@ def run_classify(args) -> int:
     mask = res.lang_mask(probs)  # [K, L, F] specific + related selected neurons
     share = N.language_share(res.per_layer)
     names = N.CLASSES[1:]
-    summary = {"model": meta["model"], "languages": langs, "lambda": res.lam, "tau": res.tau, "top_rate": args.top_rate,
+    if res.lam_found is None:
+        lam_text = f"lambda = {res.lam:.4f} (given)"
+    elif res.lam_found:
+        lam_text = f"lambda = {res.lam:.4f} (largest in [0, 0.2] with no general neuron selected)"
+    else:  # the finer method's code reports this too, instead of a lambda
+        lam_text = (f"no lambda in [0, 0.2] selects no general neuron: the selection is lambda = 0's and holds "
+                    f"{int(res.per_layer_selected[:, 3].sum())} general neurons")
+    summary = {"model": meta["model"], "languages": langs, "lambda": res.lam, "lambda_found": res.lam_found,
+               "lambda_note": lam_text, "tau": res.tau, "top_rate": args.top_rate,
                "per_layer": {c: res.per_layer[:, i + 1].tolist() for i, c in enumerate(names)},
                "per_layer_selected": {c: res.per_layer_selected[:, i + 1].tolist() for i, c in enumerate(names)},
                "language_share": share.tolist(), "stage_starts": {"shared_reasoning": res.stages[0],
@@ -198,7 +206,7 @@ def run_classify(args) -> int:
                "neurons_per_language": dict(zip(langs, mask.sum(axis=(1, 2)).tolist()))}
     text = "\n".join(f"layer {layer:>2}: " + "  ".join(f"{c} {res.per_layer[layer, i + 1]:>6}" for i, c in enumerate(names))
                      + f"  share {share[layer]:.3f}" for layer in range(len(share)))
-    print(f"lambda {res.lam:.4f}, tau {res.tau:.4f}, stages start at layers {res.stages}\n{text}")
+    print(f"{lam_text}, tau {res.tau:.4f}, stages start at layers {res.stages}\n{text}")
     with output_dir(args.out, overwrite=args.overwrite) as tmp:
         write_arrays(tmp / "classes.npz", classes=res.classes, n_langs=res.n_langs, selected=res.selected, mask=mask,
                      languages=np.array(langs))
@@ -206,8 +214,7 @@ def run_classify(args) -> int:
         _lines(tmp / "classes_per_layer.png", {c: res.per_layer[:, i + 1] for i, c in enumerate(names)},
                f"neuron classes per layer ({meta['model']}); dotted: stage starts", "neurons", marks=res.stages)
         write_report(tmp / "index.html", f"Finer language neurons: {meta['model']}", [
-            Section("Selection", text=f"lambda = {res.lam:.4f} (largest in [0, 0.2] with no general neuron selected), tau = "
-                    f"{res.tau:.4f}; stages 2, 3, 4 start at layers {res.stages[0]}, {res.stages[1]}, {res.stages[2]}."),
+            Section("Selection", text=f"{lam_text}, tau = {res.tau:.4f}; stages 2, 3, 4 start at layers {res.stages[0]}, {res.stages[1]}, {res.stages[2]}."),
             Section("Classes per layer (all neurons)", figure="classes_per_layer.png", code=text),
         ])
     print(f"wrote {args.out}")

@@ -321,9 +321,15 @@ def kth_value(values: np.ndarray, rate: float) -> float:
 
 
 def normalized_entropy(probs: np.ndarray) -> np.ndarray:
-    """probs [L, K, F] -> entropy over languages of p / sum_k p ([L, F]; 0 where the sum is 0)."""
+    """probs [L, K, F] -> entropy over languages of p / sum_k p ([L, F]).
+
+    A neuron that never fires (sum 0) counts as uniform (entropy log K), as in the finer method's
+    code (Language-Neurons-Alignment `Neuron_Prob.wrap_neuron`): otherwise its score would be 0 at
+    every lambda and it would rank ahead of almost every real neuron. LAPE filters such neurons out
+    before ranking (no p above the filter value), so its selection does not depend on this."""
+    K = probs.shape[1]
     total = probs.sum(axis=1, keepdims=True)
-    normed = np.divide(probs, total, out=np.zeros_like(probs), where=total > 0)
+    normed = np.divide(probs, total, out=np.full_like(probs, 1.0 / K), where=total > 0)
     logs = np.log(np.where(normed > 0, normed, 1.0))
     return -(normed * logs).sum(axis=1)
 
@@ -387,6 +393,7 @@ class Classes:
     per_layer: np.ndarray  # [L, 4] class counts over all neurons
     per_layer_selected: np.ndarray  # [L, 4] class counts among the selected
     stages: tuple[int, int, int]  # first layer of stages 2, 3 and 4
+    lam_found: bool | None = None  # searched: whether some lambda met the rule (False: `lam` is 0 and fails it)
 
     def lang_mask(self, probs: np.ndarray, classes=(1, 2)) -> np.ndarray:
         """[K, L, F]: selected neurons of the given classes that are active above tau for language k."""
@@ -399,7 +406,8 @@ def classify(probs: np.ndarray, top_rate: float = 0.01, tau_rate: float = 0.95, 
     """N-count classes over all neurons, selection by the score, lambda by bisection, four stages.
 
     lam=None searches the largest lambda in [0, lam_max] (bisection to eps) at which no selected
-    neuron is general (N = K).
+    neuron is general (N = K). When none does (lambda = 0 already selects a general neuron), the
+    selection is lambda = 0's and `lam_found` is False: report it, the general neurons are in it.
     """
     L, K, F = probs.shape
     if K < 2:
@@ -408,25 +416,36 @@ def classify(probs: np.ndarray, top_rate: float = 0.01, tau_rate: float = 0.95, 
     n_langs = (probs > tau).sum(axis=1)  # [L, F]
     classes = np.where(n_langs == 0, 0, np.where(n_langs == 1, 1, np.where(n_langs == K, 3, 2)))
     ok = lambda x: not (lowest(finer_score(probs, x), top_rate) & (n_langs == K)).any()  # noqa: E731
+    found = None
     if lam is None:
         lam = search_lambda(ok, 0.0, lam_max, eps)
+        found = lam is not None
+        lam = 0.0 if lam is None else lam
     selected = lowest(finer_score(probs, lam), top_rate)
     count = lambda m: np.stack([(m & (classes == c)).sum(axis=1) for c in range(4)], axis=1)  # noqa: E731
     per_layer = count(np.ones_like(selected))
     stages = four_stages(language_share(per_layer)) if L >= 4 else (L, L, L)
-    return Classes(classes, n_langs, selected, float(lam), tau, per_layer, count(selected), stages)
+    return Classes(classes, n_langs, selected, float(lam), tau, per_layer, count(selected), stages, found)
 
 
-def search_lambda(ok: Callable[[float], bool], lo: float, hi: float, eps: float) -> float:
-    """The largest x in [lo, hi] with ok(x), assuming ok is true below a threshold (bisection)."""
+def search_lambda(ok: Callable[[float], bool], lo: float, hi: float, eps: float) -> float | None:
+    """The largest x in [lo, hi] with ok(x), assuming ok is true below a threshold; None if neither
+    lo, hi nor any midpoint is ok.
+
+    As the finer method's `autosweep_lambda`: lo and hi are tried, then the bisection runs in any
+    case and the last ok midpoint wins, so an ok `hi` gives a value just below it (within eps)."""
+    best = None
+    if ok(lo):
+        best = lo
     if ok(hi):
-        return hi
-    if not ok(lo):
-        return lo
+        best = hi
     while hi - lo > eps:
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
+        if ok(mid):
+            best, lo = mid, mid
+        else:
+            hi = mid
+    return best
 
 
 def language_share(per_layer: np.ndarray) -> np.ndarray:

@@ -208,28 +208,64 @@ def best_pair(accuracy, pairs, target_layer: int | None = None) -> tuple[int, in
 
 
 def analyse(targets: Sequence[Item], scores: np.ndarray, pairs, n_layers: int, clean: np.ndarray | None = None,
-            pilot: int = 50) -> dict:
+            pilot: int = 50, test: int | None = None, null_permutations: int = 200, seed: int = 0) -> dict:
     """The paper's readings of a transplant sweep, per target language.
 
     scores [P, N, O] (one method), clean [N, O] (no transplant). Per language: accuracy of every
     pair as an [i][j] grid (source layer i, target layer j); the upper bound (an item counts if any
-    pair solves it) and the unions per source and per target layer; the offline strategy: the best
-    pair on the first `pilot` items (over all pairs, and into target layer 0), applied to the rest.
+    pair solves it), beside it its value under a null model (`null_upper_bound`), and the unions
+    per source and per target layer; the offline strategy: the best pair on the pilot split (the
+    first `pilot` items; over all pairs, and into target layer 0) applied to the test split (the
+    next `test` items, default all the others). See `check_splits`; pilot=0: no offline strategy.
     """
     from jaxlens.methods.evaluation import predictions
 
     answers = np.array([t.answer for t in targets])
     return analyse_correct(targets, predictions(scores) == answers, pairs, n_layers,
-                           None if clean is None else predictions(clean) == answers, pilot)
+                           None if clean is None else predictions(clean) == answers, pilot, test, null_permutations, seed)
+
+
+def check_splits(counts: dict, pilot: int, test: int | None = None) -> None:
+    """Raise if a language's items ({lang: n}) cannot hold a pilot split of `pilot` items and a
+    disjoint test split of `test` (None: at least one) items. The paper picks the pair on a pilot
+    and applies it to unseen items, so neither split is shrunk to fit."""
+    if pilot < 0 or (test is not None and test < 1):
+        raise ValueError(f"pilot must be >= 0 and test >= 1 items per language; got pilot={pilot}, test={test}")
+    if not pilot:
+        return
+    need = pilot + (test or 1)
+    short = {lang: n for lang, n in counts.items() if n < need}
+    if short:
+        asked = f"{test} test" if test else "at least 1 test"
+        raise ValueError(f"a pilot of {pilot} items plus {asked} item(s) needs {need} items per language; "
+                         f"{', '.join(f'{lang} has {n}' for lang, n in short.items())}: give more items per language "
+                         f"or a smaller pilot/test split (pilot 0: no offline pair)")
+
+
+def null_upper_bound(correct: np.ndarray, permutations: int = 200, seed: int = 0) -> dict:
+    """The upper bound ("some pair solves the item") under a null model: each pair keeps its
+    accuracy but its right/wrong outcomes are permuted across the items, independently per pair,
+    so which items a pair solves is chance. correct [P, n] -> {"mean", "p95", "permutations", "seed"}.
+    On two-option tasks with many pairs the bound is near 1 by chance alone."""
+    c = np.asarray(correct, bool)
+    if permutations < 1:
+        raise ValueError(f"null permutations must be >= 1, got {permutations}")
+    rng = np.random.default_rng(seed)
+    values = np.array([rng.permuted(c, axis=1).any(0).mean() for _ in range(permutations)])
+    return {"mean": float(values.mean()), "p95": float(np.quantile(values, 0.95)), "permutations": int(permutations),
+            "seed": int(seed)}
 
 
 def analyse_correct(targets: Sequence[Item], correct: np.ndarray, pairs, n_layers: int,
-                    clean_correct: np.ndarray | None = None, pilot: int = 50) -> dict:
+                    clean_correct: np.ndarray | None = None, pilot: int = 50, test: int | None = None,
+                    null_permutations: int = 200, seed: int = 0) -> dict:
     """`analyse` from which items each pair got right: correct [P, N] bool, clean_correct [N] bool
     (scored, or read off generations with `generated_correct`)."""
     pairs, correct = np.asarray(pairs), np.asarray(correct, bool)
+    langs = list(dict.fromkeys(t.lang for t in targets))
+    check_splits({lang: sum(t.lang == lang for t in targets) for lang in langs}, pilot, test)
     out = {}
-    for lang in dict.fromkeys(t.lang for t in targets):
+    for lang in langs:
         idx = np.array([n for n, t in enumerate(targets) if t.lang == lang])
         c = correct[:, idx]  # [P, n]
         grid = np.full((n_layers, n_layers), np.nan)
@@ -241,11 +277,12 @@ def analyse_correct(targets: Sequence[Item], correct: np.ndarray, pairs, n_layer
             "clean": None if clean_correct is None else float(clean_correct[idx].mean()),
             "pair_accuracy": [[None if np.isnan(v) else v for v in row] for row in grid.tolist()],  # None: not run
             "upper_bound": float(c.any(0).mean()),
+            "upper_bound_null": null_upper_bound(c, null_permutations, seed),
             "per_source_union": by(0),
             "per_target_union": by(1),
         }
-        pilot_idx, test_idx = np.arange(min(pilot, len(idx) // 2)), np.arange(min(pilot, len(idx) // 2), len(idx))
-        if len(pilot_idx) and len(test_idx):
+        pilot_idx, test_idx = np.arange(pilot), np.arange(pilot, len(idx) if test is None else pilot + test)
+        if pilot:
             strategies = {}
             for name, target_layer in (("best_pair", None), ("best_pair_into_layer_0", 0)):
                 i, j = best_pair(c[:, pilot_idx].mean(1), pairs, target_layer)
@@ -253,6 +290,8 @@ def analyse_correct(targets: Sequence[Item], correct: np.ndarray, pairs, n_layer
                 strategies[name] = {"pair": [i, j], "pilot_accuracy": float(c[p, pilot_idx].mean()),
                                     "test_accuracy": float(c[p, test_idx].mean())}
             entry["offline"] = {"pilot_items": int(len(pilot_idx)), "test_items": int(len(test_idx)),
+                                "splits": {"pilot": [targets[idx[n]].id for n in pilot_idx],
+                                           "test": [targets[idx[n]].id for n in test_idx]},
                                 "clean_test_accuracy": None if clean_correct is None else float(clean_correct[idx][test_idx].mean()),
                                 **strategies}
         out[lang] = entry
