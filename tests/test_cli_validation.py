@@ -1,0 +1,63 @@
+"""The CLI refuses a wrong option or --out before it loads a model (the model path here does not
+exist, so reaching the load would give a different error)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxlens import cli
+
+NO_MODEL = "/nonexistent/model.gguf"
+
+
+def refuse(capsys, *argv) -> str:
+    assert cli.main(list(argv)) == 2
+    return capsys.readouterr().err
+
+
+def test_out_not_empty_is_refused_before_load(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "old.txt").write_text("x")
+    err = refuse(capsys, "eval", "--model", NO_MODEL, "--langs", "zh", "--out", str(tmp_path / "o"))
+    assert "--out" in err and "already exists and is not empty" in err and "nonexistent" not in err
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    err = refuse(capsys, "eval", "--model", NO_MODEL, "--out", str(tmp_path / "f"))
+    assert "--out" in err and "is a file, not a directory" in err
+
+
+def test_out_under_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    err = refuse(capsys, "steer", "--model", NO_MODEL, "--out", str(tmp_path / "f" / "sub"))
+    assert "--out" in err and "is a file, so nothing can be written under it" in err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["eval", "--limit", "0"], "--limit"),
+    (["eval", "--batch-rows", "-2"], "--batch-rows"),
+    (["steer", "--limit", "-1"], "--limit"),
+    (["transplant", "--batch-rows", "0"], "--batch-rows"),
+    (["neurons", "stats", "--budget", "0"], "--budget"),
+    (["neurons", "stats", "--seq-len", "0"], "--seq-len"),
+    (["latent-language", "--batch-size", "0"], "--batch-size"),
+])
+def test_non_positive_counts(tmp_path, capsys, argv, option):
+    err = refuse(capsys, *argv, "--model", NO_MODEL, "--out", str(tmp_path / "o"))
+    assert f"{option} must be a positive integer" in err
+
+
+def test_empty_out_dir_is_accepted(tmp_path):
+    from jaxlens.io import output_dir
+
+    (tmp_path / "o").mkdir()
+    with output_dir(tmp_path / "o") as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert (tmp_path / "o" / "a.txt").read_text() == "a"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("jaxlens ")
