@@ -49,7 +49,7 @@ def test_non_positive_counts(tmp_path, capsys, argv, option):
 
 
 def test_empty_out_dir_is_accepted(tmp_path):
-    from jaxlens.io import output_dir
+    from jaxlens.report.io import output_dir
 
     (tmp_path / "o").mkdir()
     with output_dir(tmp_path / "o") as tmp:
