@@ -61,3 +61,24 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.startswith("jaxlens ")
+
+
+def test_xcopa_ships_with_the_package(monkeypatch):
+    import jaxlens
+    from jaxlens.data.xcopa import xcopa, xcopa_dir
+
+    monkeypatch.delenv("JAXLENS_XCOPA", raising=False)
+    root = xcopa_dir()
+    assert root.is_relative_to(__import__("pathlib").Path(jaxlens.__file__).parent)
+    assert (root / "LICENSE.md").is_file() and "CC BY 4.0" in (root / "README.md").read_text()
+    assert len(xcopa("zh", "val")) == 100
+
+
+def test_jaxlens_xcopa_still_honoured(monkeypatch, tmp_path):
+    from jaxlens.data.xcopa import xcopa_dir
+
+    monkeypatch.setenv("JAXLENS_XCOPA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="JAXLENS_XCOPA"):
+        xcopa_dir()
+    (tmp_path / "data").mkdir()
+    assert xcopa_dir() == tmp_path
