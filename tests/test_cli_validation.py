@@ -82,3 +82,17 @@ def test_jaxlens_xcopa_still_honoured(monkeypatch, tmp_path):
         xcopa_dir()
     (tmp_path / "data").mkdir()
     assert xcopa_dir() == tmp_path
+
+
+def test_report_embeds_a_subset_cjk_font():
+    import base64
+    import re
+
+    from jaxlens.report.html import Section, render
+
+    page = render("猫 test", [Section("Привет", text="日本語")])
+    url = re.search(r"@font-face \{ font-family: 'jaxlens-noto'; src: url\(data:font/otf;base64,([A-Za-z0-9+/=]+)\)", page)
+    assert url, "no embedded font"
+    font = base64.b64decode(url.group(1))
+    assert font[:4] == b"OTTO" and len(font) < 200_000  # a subset, not the 16 MB font
+    assert "@font-face" not in render("plain", [Section("ascii only")])
