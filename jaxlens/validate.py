@@ -218,7 +218,7 @@ def out_dir(out, overwrite: bool = False) -> None:
 
 
 # Counts that only make sense positive; a zero or negative one would run and report on nothing.
-POSITIVE_OPTIONS = ("limit", "batch_rows", "batch_size", "budget", "seq_len", "batch", "save_every")
+POSITIVE_OPTIONS = ("limit", "max_items", "batch_rows", "batch_size", "budget", "seq_len", "batch", "save_every")
 
 
 def cli_options(args) -> None:
