@@ -70,11 +70,16 @@ def test_mask_values_not_zero_one(model):
         model(ok_tokens(model), mask)
 
 
-def test_mask_all_zero_row(model):
+def test_mask_all_zero_row_is_refused_where_asked():
+    # forward and Model.__call__ accept all-zero rows (filler rows of fixed-size batches, KV-cache
+    # continuations); validate.mask refuses them when the caller asks.
+    from jaxlens import validate
+
     mask = np.ones((2, 4), np.int32)
     mask[1] = 0
     with pytest.raises(InputError, match=r"attention_mask row\(s\) \[1\] are all zero"):
-        model(ok_tokens(model), mask)
+        validate.mask(mask, (2, 4))
+    validate.mask(mask, (2, 4), empty_rows=True)
 
 
 def test_intervention_layer_outside_model(model):

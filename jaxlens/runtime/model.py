@@ -44,7 +44,7 @@ class Model:
         """(logits, sites) with the batch placed over the mesh's data axes (see `forward`)."""
         validate.tokens(self.config, tokens)  # values on the host copy; forward sees placed arrays
         tokens = np.asarray(tokens, dtype=np.int32)
-        validate.mask(attention_mask, tokens.shape)
+        validate.mask(attention_mask, tokens.shape, empty_rows=True)  # filler rows pad fixed-size batches
         attention_mask = np.ones_like(tokens) if attention_mask is None else np.asarray(attention_mask, np.int32)
         tokens, attention_mask = put(self.mesh, tokens, attention_mask)
         return forward(
