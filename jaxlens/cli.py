@@ -7,11 +7,22 @@ import argparse
 import importlib
 import sys
 
+from jaxlens import validate
 from jaxlens.commands import COMMANDS
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxlens")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"jaxlens {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"jaxlens.commands.{name}").register(sub)
@@ -21,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        # Options are checked before any command loads a model: a wrong --out costs no load time.
+        validate.cli_options(args)
+        validate.out_dir(getattr(args, "out", None), getattr(args, "overwrite", False))
         return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"jaxlens {args.command}: error: {e}", file=sys.stderr)

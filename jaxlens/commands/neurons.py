@@ -98,7 +98,7 @@ def run_stats(args) -> int:
     from jaxlens.report.html import Section, write_report
 
     out = Path(args.out).absolute()
-    if out.exists() and not args.overwrite:
+    if out.exists() and not args.overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise FileExistsError(f"{out} already exists; choose a new output directory or pass --overwrite")
     corpus = _corpus(args, "test")
     model = _load_model(args)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxlens import validate
 from jaxlens.core.config import ModelConfig
 from jaxlens.core.rope import rope_tables
 from jaxlens.core.sharding import constrain_batch, params_mesh
@@ -145,13 +146,15 @@ def check_reducers(reducers) -> dict:
     return dict(reducers)
 
 
-def _check_inputs(config, tokens, attention_mask):
+def _check_inputs(config, tokens, attention_mask, interventions=None, reducers=None):
+    validate.tokens(config, tokens)  # on the host copy, before it moves to the device
     tokens = jnp.asarray(tokens, dtype=jnp.int32)
     check_tokens(config, tokens)
+    validate.mask(attention_mask, tokens.shape, empty_rows=True)
+    validate.interventions(config, interventions, tokens.shape)
+    validate.reducers(config, reducers, tokens.shape)
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, dtype=jnp.int32)
-    elif attention_mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape {tuple(tokens.shape)}")
     return tokens, jnp.asarray(attention_mask)
 
 
@@ -160,7 +163,7 @@ def forward(params, tokens, attention_mask=None, *, config: ModelConfig, capture
 
     On a mesh (params placed by `jaxlens.load(..., mesh=)`) the batch is split over its data axes
     inside the program, whether tokens arrive as host arrays or already placed."""
-    tokens, attention_mask = _check_inputs(config, tokens, attention_mask)
+    tokens, attention_mask = _check_inputs(config, tokens, attention_mask, interventions, reducers)
     return _forward(params, tokens, attention_mask, config, check_sites(capture), interventions, check_reducers(reducers),
                     mesh=params_mesh(params))
 
@@ -171,7 +174,7 @@ def forward_cached(params, tokens, attention_mask=None, *, config: ModelConfig, 
     (logits, sites, KVCache of past + these tokens). Sites, interventions and reducers cover the
     new tokens only. Continuing a prefix gives the logits of running everything in one pass, at a
     fraction of the cost when few tokens are new (generation, or re-running one position)."""
-    tokens, attention_mask = _check_inputs(config, tokens, attention_mask)
+    tokens, attention_mask = _check_inputs(config, tokens, attention_mask, interventions, reducers)
     if past is not None:
         if past.mask.shape[0] != tokens.shape[0]:
             raise ValueError(f"past cache has batch {past.mask.shape[0]}, tokens have batch {tokens.shape[0]}")

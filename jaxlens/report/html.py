@@ -8,7 +8,10 @@ Every method's command writes one (`index.html` beside its data files), so they 
     ])
 
 Figures are referenced by relative path (they sit beside the report); text is escaped. The page
-declares UTF-8 and a CJK-capable font stack, so Chinese/Japanese/Thai tokens render in a browser.
+declares UTF-8 and embeds, as a data: URL, Noto Sans CJK SC (OFL, shipped by `mplfonts`)
+subset to the page's own non-ASCII characters (a few KB, not the 16 MB font), so CJK, Cyrillic
+and Greek render on a machine without system fonts. Scripts Noto Sans CJK lacks (Thai, Tamil)
+still need a system font.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 _STYLE = """
-body { font-family: system-ui, "Noto Sans", "Noto Sans CJK SC", "Noto Sans Thai", sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
+body { font-family: system-ui, "Noto Sans", "jaxlens-noto", "Noto Sans CJK SC", "Noto Sans Thai", sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
 table { border-collapse: collapse; font-size: 0.9em; } td, th { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
 th { background: #f3f3f3; } img { max-width: 100%; } pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
 """
@@ -41,9 +44,38 @@ def _cell(value) -> str:
     return html.escape(str(value))
 
 
+def font_face(text: str) -> str:
+    """@font-face for the bundled CJK font, subset to text's non-ASCII characters ('' if none)."""
+    import base64
+    import importlib.util
+    import io
+
+    chars = "".join(sorted({c for c in text if ord(c) > 127}))
+    spec = importlib.util.find_spec("mplfonts")
+    if not chars or spec is None:
+        return ""
+    from fontTools import subset  # a matplotlib dependency
+
+    path = Path(spec.submodule_search_locations[0]) / "fonts" / "NotoSansCJKsc-Regular.otf"
+    options = subset.Options()
+    font = subset.load_font(str(path), options)
+    subsetter = subset.Subsetter(options)
+    subsetter.populate(text=chars)
+    subsetter.subset(font)
+    data = io.BytesIO()
+    subset.save_font(font, data, options)
+    url = "data:font/otf;base64," + base64.b64encode(data.getvalue()).decode("ascii")
+    return f"@font-face {{ font-family: 'jaxlens-noto'; src: url({url}) format('opentype'); }}"
+
+
 def render(title: str, sections: Sequence[Section]) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    body = _body(title, sections)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{font_face(title + body)}{_STYLE}</style></head><body>{body}")
+
+
+def _body(title: str, sections: Sequence[Section]) -> str:
+    parts = [f"<h1>{html.escape(title)}</h1>"]
     for s in sections:
         parts.append(f"<h2>{html.escape(s.heading)}</h2>")
         parts += [f"<p>{html.escape(p)}</p>" for p in s.text.split("\n\n") if p.strip()]

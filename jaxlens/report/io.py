@@ -54,10 +54,11 @@ def read_arrays(path) -> dict[str, np.ndarray]:
 def output_dir(out, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh `OUT.partial` directory; on success it replaces OUT, on failure it is removed.
 
-    An existing OUT is refused unless overwrite=True (then replaced only once the new one is whole).
+    An existing OUT is refused unless it is an empty directory or overwrite=True (then replaced
+    only once the new one is whole).
     """
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise FileExistsError(f"{out} already exists; choose a new output directory or pass --overwrite")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jaxlens import validate
 from jaxlens.runtime.model import Model
 from jaxlens.core.sharding import default_mesh
 from jaxlens.runtime.zoo import resolve_model
@@ -21,7 +22,9 @@ def load(src, dtype="float32", mesh=None, tokenizer=None, allow_pickle: bool = F
     src = resolve_model(src) if isinstance(src, str) else src
     mesh = mesh or default_mesh()
     config, params = load_checkpoint(src, dtype=dtype, mesh=mesh, allow_pickle=allow_pickle)
-    model = Model(config, params, load_tokenizer(src, tokenizer), mesh)
+    tok = load_tokenizer(src, tokenizer)
+    validate.tokenizer_vocab(config, tok)
+    model = Model(config, params, tok, mesh)
     if delta is not None:
         from jaxlens.runtime.deltas import apply_delta
 

