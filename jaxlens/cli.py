@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from jaxlens import validate
+from jaxlens.core import validate
 from jaxlens.commands import COMMANDS
 
 

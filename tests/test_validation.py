@@ -11,7 +11,7 @@ import jaxlens
 from jaxlens import interventions as iv
 from jaxlens import reducers as rd
 from jaxlens.core.forward import forward
-from jaxlens.validate import InputError
+from jaxlens.core.validate import InputError
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_mask_values_not_zero_one(model):
 def test_mask_all_zero_row_is_refused_where_asked():
     # forward and Model.__call__ accept all-zero rows (filler rows of fixed-size batches, KV-cache
     # continuations); validate.mask refuses them when the caller asks.
-    from jaxlens import validate
+    from jaxlens.core import validate
 
     mask = np.ones((2, 4), np.int32)
     mask[1] = 0

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxlens import validate
+from jaxlens.core import validate
 from jaxlens.core.config import ModelConfig
 from jaxlens.core.rope import rope_tables
 from jaxlens.core.sharding import constrain_batch, params_mesh

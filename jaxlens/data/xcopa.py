@@ -1,5 +1,5 @@
 """Bundled-data readers. XCOPA (CC BY 4.0; licence and attribution beside it) ships as package data
-in jaxlens/datasets/xcopa, so the commands find it after a plain pip install; users name their own files."""
+in jaxlens/data/files/xcopa, so the commands find it after a plain pip install; users name their own files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ XCOPA_LANGS = ("et", "ht", "id", "it", "qu", "sw", "ta", "th", "tr", "vi", "zh")
 def xcopa_dir() -> Path:
     """$JAXLENS_XCOPA, else the copy shipped inside the package."""
     env = os.environ.get("JAXLENS_XCOPA")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "datasets" / "xcopa"
+    path = Path(env) if env else Path(__file__).resolve().parent / "files" / "xcopa"
     if not (path / "data").is_dir():
         raise FileNotFoundError(f"XCOPA not found at {path}; set JAXLENS_XCOPA to the xcopa directory")
     return path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxlens import validate
+from jaxlens.core import validate
 from jaxlens.runtime.model import Model
 from jaxlens.core.sharding import default_mesh
 from jaxlens.runtime.zoo import resolve_model

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxlens import validate
+from jaxlens.core import validate
 from jaxlens.core.config import ModelConfig
 from jaxlens.core.forward import forward
 from jaxlens.core.sharding import default_mesh
