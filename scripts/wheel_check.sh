@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI (after ./test.sh): build the wheel, install it alone into a fresh venv outside the repo
-# (no editable install, no torch; pip's cache is reused), and run commands from an empty
+# (no editable install; pip's cache is reused), and run commands from an empty
 # directory, so package data and entry points are what a `pip install` user gets.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
