@@ -84,12 +84,12 @@ def batch_sharding(mesh: Mesh, batch: int) -> NamedSharding:
 
 def params_mesh(params) -> Mesh | None:
     """The mesh a params pytree was placed on, or None (one device, host arrays, or traced)."""
-    for leaf in jax.tree.leaves(params):
-        sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) else None
-        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-            return sharding.mesh
+    leaves = jax.tree.leaves(params)  # every leaf was placed on the same mesh: the first tells
+    leaf = leaves[0] if leaves else None
+    if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
         return None
-    return None
+    sharding = leaf.sharding
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
 
 
 def constrain_batch(mesh: Mesh | None, *arrays):

@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from jaxlens.runtime.placement import put, to_host, wait
 
@@ -138,7 +138,3 @@ def accumulate(batches: Sequence, step: Callable, state, *, mesh, inputs: Callab
             checkpoint.close()
     return to_host(state)
 
-
-def chunks(n: int, rows: int) -> Iterable[slice]:
-    """Slices of `rows` over range(n) (the last may be shorter)."""
-    return (slice(s, min(s + rows, n)) for s in range(0, n, rows))
