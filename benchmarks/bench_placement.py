@@ -27,7 +27,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax
-    import numpy as np
 
     import jaxlens
     from jaxlens.methods import evaluation as ev

@@ -38,7 +38,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxlens.core.config import ModelConfig
 from jaxlens.core.modules import make_norm, softcap

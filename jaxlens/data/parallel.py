@@ -9,7 +9,6 @@ aligned by id across languages, else by order).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Sequence
 
 from jaxlens.data.xcopa import XCOPA_LANGS, xcopa
