@@ -303,9 +303,12 @@ class GGUFSource:
     def tokenizer(self):
         """A transformers tokenizer built from the GGUF's tokenizer metadata.
 
-        Building it walks the whole vocabulary (~15 s for Gemma's 262k tokens), so the result is
-        saved once under $JAXLENS_CACHE (default ~/.cache/jaxlens) keyed by the file's name, size
-        and mtime, and later loads read those HF tokenizer files instead.
+        transformers' own GGUF builders make it (the same class of tokenizer `AutoTokenizer(...,
+        gguf_file=)` makes; tests/test_gguf_io.py checks they tokenize alike), fed from our reader:
+        transformers' GGUF reader imports torch, which jaxlens does not need. Building it walks the
+        whole vocabulary (~12 s for Gemma's 262k tokens), so the result is saved once under
+        $JAXLENS_CACHE (default ~/.cache/jaxlens) keyed by the file's name, size and mtime, and
+        later loads read those HF tokenizer files instead.
         """
         from transformers import AutoTokenizer
 
@@ -314,7 +317,7 @@ class GGUFSource:
         cached = root / "tokenizers" / f"{self.path.name}-{stat.st_size}-{stat.st_mtime_ns}"
         if (cached / "tokenizer_config.json").exists():
             return AutoTokenizer.from_pretrained(str(cached))
-        tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        tokenizer = self._build_tokenizer()
         partial = cached.with_name(cached.name + f".partial-{os.getpid()}")
         try:
             tokenizer.save_pretrained(str(partial))
@@ -322,6 +325,25 @@ class GGUFSource:
         except OSError:  # a read-only home or a concurrent writer: the cache is only a speed-up
             shutil.rmtree(partial, ignore_errors=True)
         return tokenizer
+
+    def _build_tokenizer(self):
+        """What transformers' `get_gguf_tokenizer` + `convert_gguf_tokenizer` do, with our reader."""
+        from transformers import PreTrainedTokenizerFast
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+
+        fields = self._file.fields
+        if "tokenizer.ggml.tokens" not in fields:
+            raise GGUFError(f"{self.path}: no tokenizer in its metadata (tokenizer.ggml.tokens); pass tokenizer=")
+        tok, config = ({name: self._meta(f"tokenizer.{key}") for key, name in renames.items() if f"tokenizer.{key}" in fields}
+                       for renames in (GGUF_TOKENIZER_MAPPING["tokenizer"], GGUF_TOKENIZER_MAPPING["tokenizer_config"]))
+        if tok.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise
+            config.setdefault("add_bos_token", True)
+        for name, key in _SPECIAL_TOKENS.items():
+            index = self._meta(f"tokenizer.ggml.{key}")
+            config[name] = tok["tokens"][index] if index is not None else None
+        backend, extra = convert_gguf_tokenizer(self.arch, tok)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
 
     def __repr__(self) -> str:
         return f"GGUFSource({str(self.path)!r}, arch={self.arch!r}, tensors={len(self._tensors)})"

@@ -108,15 +108,29 @@ def test_hf_config_loads_into_transformers(case):
     assert getattr(rebuilt, "layer_types", None) == getattr(case.ref_config, "layer_types", None)
 
 
+TOKENIZER_TEXTS = ["The cat sleeps.", "Le chat dort.", "猫在睡觉。", "  two  spaces", "Привет, мир!", "नमस्ते",
+                   "สวัสดี", "<bos>hi</s>", "a\n\nb\tc", "emoji 🤗 ok", ""]
+
+
 @pytest.mark.slow
-def test_tokenizer_smollm2():
-    # Gemma's 262k-token vocabulary takes ~15 s to build; the wrapper is the same for both files.
-    src = GGUFSource(Path(resolve_model("smollm2-135m")))
-    tok = src.tokenizer()
-    cfg = src.hf_config()
-    assert len(tok) == cfg["vocab_size"]
-    assert (tok.bos_token_id, tok.eos_token_id) == (cfg["bos_token_id"], cfg["eos_token_id"])
-    assert tok.decode(tok("The cat sleeps.").input_ids) == "The cat sleeps."
+@pytest.mark.parametrize("name", list(MODELS))
+def test_tokenizer_matches_transformers(name):
+    """Our torch-free build tokenizes as AutoTokenizer(..., gguf_file=) does (Gemma: ~50 s, its
+    262k-token vocabulary is built twice)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch", reason="transformers' own GGUF reader (the reference) needs torch")
+    path = Path(resolve_model(MODELS[name]))
+    src = GGUFSource(path)
+    ours = src._build_tokenizer()
+    ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for special in (True, False):
+        for text in TOKENIZER_TEXTS:
+            assert ours(text, add_special_tokens=special).input_ids == ref(text, add_special_tokens=special).input_ids, text
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "chat_template"):
+        assert getattr(ours, attr) == getattr(ref, attr), attr
+    ids = ref(" ".join(TOKENIZER_TEXTS)).input_ids
+    assert ours.decode(ids) == ref.decode(ids)
+    assert len(ours) == len(ref) == src.hf_config()["vocab_size"]
 
 
 # ---------------- broken files ----------------
