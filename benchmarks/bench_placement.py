@@ -29,7 +29,8 @@ def main() -> None:
     import jax
 
     import jaxlens
-    from jaxlens.methods import evaluation as ev
+    from jaxlens.data.items import xcopa_items
+    from jaxlens.data.templates import XCOPA_TEMPLATE
     from jaxlens.methods import steer, transplant as xt, tuned_lens
     from jaxlens.methods.generate import generate_text
     from jaxlens.methods.states import last_token_states
@@ -37,10 +38,10 @@ def main() -> None:
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     model = jaxlens.load(args.model, mesh=jaxlens.make_mesh(data=8, model=1))
     R = args.rows
-    zh = ev.xcopa_items("zh")[: R // 2]
-    en = ev.xcopa_items("zh", english=True)[: R // 2]
+    zh = xcopa_items("zh")[: R // 2]
+    en = xcopa_items("zh", english=True)[: R // 2]
     items = [*en, *zh]
-    template = ev.XCOPA_TEMPLATE
+    template = XCOPA_TEMPLATE
     texts = [template.lettered_text(i) for i in zh] * 2
     tokens, mask = model.encode(texts)
     vectors = steer.language_vectors(model, items, template, batch_rows=R)

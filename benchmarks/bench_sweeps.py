@@ -55,21 +55,23 @@ def setup(model_name: str, rows: int):
     import numpy as np
 
     import jaxlens
-    from jaxlens.methods import evaluation as ev
+    from jaxlens.data.items import xcopa_items
+    from jaxlens.data.templates import XCOPA_TEMPLATE
+    from jaxlens.methods.scoring import letter_rows, letter_table
     from jaxlens.runtime.batching import make_batches
     from jaxlens.methods.states import last_token_states
 
     model = jaxlens.load(model_name)
-    template = ev.XCOPA_TEMPLATE
-    zh = ev.xcopa_items("zh")[:rows]
-    en = {i.id: i for i in ev.xcopa_items("zh", english=True)[:rows]}
-    batch = make_batches(ev.letter_rows(zh, model.tokenizer, template), rows, model.config.pad_token_id or 0)[0]
+    template = XCOPA_TEMPLATE
+    zh = xcopa_items("zh")[:rows]
+    en = {i.id: i for i in xcopa_items("zh", english=True)[:rows]}
+    batch = make_batches(letter_rows(zh, model.tokenizer, template), rows, model.config.pad_token_id or 0)[0]
     en_texts = [template.lettered_text(en[zh[i].id]) for i in batch.item]
     zh_texts = [template.lettered_text(zh[i]) for i in batch.item]
     source = last_token_states(model, en_texts, site="mlp_out", batch_rows=rows)  # [R, L, D]
     vector = (last_token_states(model, en_texts, batch_rows=rows).mean(0)
               - last_token_states(model, zh_texts, batch_rows=rows).mean(0))  # [L, D]
-    table = ev.letter_table(model.tokenizer, template, 2)
+    table = letter_table(model.tokenizer, template, 2)
     return model, batch, source, vector, (table, np.full(rows, 2)), en_texts, zh_texts
 
 
@@ -81,7 +83,7 @@ def job_jaxlens(model_name, rows, loop_points):
     from jaxlens.core import interventions as iv
     from jaxlens.methods import steer
     from jaxlens.methods import transplant as xt
-    from jaxlens.methods.evaluation import letter_logprobs
+    from jaxlens.methods.scoring import letter_logprobs
     from jaxlens.core.forward import forward
     from jaxlens.methods.sweep import prefix_cache, run_stack, score_letters
 

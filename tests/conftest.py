@@ -116,7 +116,7 @@ def tiny(tiny_checkpoint, tmp_path_factory):
 def parallel_items():
     """Two English multiple-choice items and their parallel "xx" items (same ids): what steering
     and transplant tests run on the tiny model."""
-    from jaxlens.methods.evaluation import Item
+    from jaxlens.data.items import Item
 
     return [
         Item("1", "en", "The man.", ("Water.", "The toilet."), 1, "effect"),

@@ -10,15 +10,17 @@ import jax
 import numpy as np
 
 import jaxlens
-from jaxlens.methods import evaluation as ev
+from jaxlens.data.items import Item
+from jaxlens.data.templates import XCOPA_TEMPLATE
+from jaxlens.methods.scoring import score_items
 
 directory = sys.argv[1]
 assert jax.device_count() == 8, jax.devices()
-items = [ev.Item(str(n), "en", "The man." + " a" * n, ("Water.", "The toilet.", "Milk."), n % 3, "cause") for n in range(6)]
+items = [Item(str(n), "en", "The man." + " a" * n, ("Water.", "The toilet.", "Milk."), n % 3, "cause") for n in range(6)]
 runs = []
 for mesh in (jaxlens.make_mesh(1, 1, devices=jax.devices()[:1]), jaxlens.make_mesh(data=4, model=2)):
     model = jaxlens.load(directory, mesh=mesh)
-    runs.append(ev.score_items(items, model.tokenizer, template=ev.XCOPA_TEMPLATE, model=model, batch_rows=8, progress=False))
+    runs.append(score_items(items, model.tokenizer, template=XCOPA_TEMPLATE, model=model, batch_rows=8, progress=False))
 diff = max(float(np.nanmax(np.abs(runs[0].ll - runs[1].ll))), float(np.nanmax(np.abs(runs[0].letter - runs[1].letter))))
 print(f"max abs diff 1 vs 8 devices: {diff:.3g}")
 assert diff < 1e-5, diff

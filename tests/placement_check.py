@@ -12,7 +12,9 @@ import numpy as np
 
 import jaxlens
 from jaxlens.core.forward import _forward
-from jaxlens.methods import evaluation as ev
+from jaxlens.data.items import Item
+from jaxlens.data.templates import XCOPA_TEMPLATE
+from jaxlens.methods.scoring import option_rows, score_items, tail_logits
 from jaxlens.runtime.batching import make_batches
 from jaxlens.runtime.placement import record_placements
 
@@ -46,7 +48,7 @@ from conftest import parallel_items  # noqa: E402
 
 items = parallel_items()
 
-template = ev.XCOPA_TEMPLATE
+template = XCOPA_TEMPLATE
 
 
 def check(label, fn):
@@ -66,7 +68,7 @@ from jaxlens.methods.states import last_token_states  # noqa: E402
 
 texts = ["the cat sat on the mat", "a dog", "one two three four five six", "hello"]
 check("model()", lambda: model(tokens, mask))
-check("eval (score_items)", lambda: ev.score_items(items, model.tokenizer, template=template, model=model, progress=False))
+check("eval (score_items)", lambda: score_items(items, model.tokenizer, template=template, model=model, progress=False))
 check("states", lambda: last_token_states(model, texts))
 check("generate", lambda: generate_text(model, texts, max_new_tokens=2))
 check("lens grid", lambda: lens_grid(model, texts, k=2, progress=False))
@@ -88,12 +90,12 @@ check("tuned lens kl", lambda: tuned_lens.kl_by_layer(model.params, cfg, blocks)
 # 3. Per-device FLOPs of two methods' steps, placed as the runtime places them.
 from jaxlens.runtime.placement import put  # noqa: E402
 
-rows = ev.option_rows(items, model.tokenizer, template)
+rows = option_rows(items, model.tokenizer, template)
 batch = make_batches(rows, 8, cfg.pad_token_id or 0, cfg.max_positions)[0]
 step_flops = {}
 for name, m in (("data=1", one), ("data=8", model)):
     t, k = put(m.mesh, batch.tokens, batch.mask)
-    step_flops[name] = flops(ev._tail_logits.lower(m.params, t, k, {}, config=cfg, tail=batch.tail).compile())
+    step_flops[name] = flops(tail_logits.lower(m.params, t, k, {}, config=cfg, tail=batch.tail).compile())
 ratio = step_flops["data=8"] / step_flops["data=1"]
 print(f"evaluation step per-device flops data=8 / data=1: {ratio:.3f}")
 assert abs(ratio - 1 / 8) < 0.02, step_flops
@@ -110,12 +112,12 @@ print(f"neuron-statistics step per-device flops data=8 / data=1: {ratio:.3f}")
 assert ratio < 0.2, stats_flops  # the [L, K, F] accumulator add is replicated; the forward is split
 
 # 4. One compile per length bucket.
-long_items = [ev.Item(str(n), "en", "The man." + " a" * n, ("Water.", "The toilet."), n % 2, "cause") for n in range(0, 26, 2)]
-before = ev._tail_logits._cache_size()
-ev.score_items(long_items, model.tokenizer, template=template, model=model, methods=("options",), progress=False)
-shapes = {(b.tokens.shape, b.tail) for b in make_batches(ev.option_rows(long_items, model.tokenizer, template), 8,
+long_items = [Item(str(n), "en", "The man." + " a" * n, ("Water.", "The toilet."), n % 2, "cause") for n in range(0, 26, 2)]
+before = tail_logits._cache_size()
+score_items(long_items, model.tokenizer, template=template, model=model, methods=("options",), progress=False)
+shapes = {(b.tokens.shape, b.tail) for b in make_batches(option_rows(long_items, model.tokenizer, template), 8,
                                                           cfg.pad_token_id or 0, cfg.max_positions)}
-compiled = ev._tail_logits._cache_size() - before
+compiled = tail_logits._cache_size() - before
 print(f"eval: {compiled} compiles for {len(shapes)} bucket shapes")
 assert compiled <= len(shapes) and len(shapes) < len(long_items), (compiled, shapes)
 print("placement ok")

@@ -8,13 +8,16 @@ import json
 import numpy as np
 import pytest
 
+from jaxlens.data.items import Item, load_jsonl, load_xcopa
+from jaxlens.data.templates import XCOPA_TEMPLATE
+from jaxlens.methods.scoring import METHODS, continuation_logprob, letter_logprobs, letter_token_ids, model_forward, score_items, Scores, tail_logits
 from jaxlens.methods import evaluation as ev
 from jaxlens.runtime.batching import _BUCKETS, Row, make_batches
 
 ITEMS = [  # short: the tiny tokenizer spends many tokens per word and tiny_checkpoint has 64 positions
-    ev.Item("1", "en", "The man.", ("Water.", "The toilet."), 1, "effect"),
-    ev.Item("2", "en", "She lost.", ("Milk.", "Tap.", "He poured the water."), 0, "cause"),
-    ev.Item("3", "en", "Water.", ("A man.", "B"), 0, "cause"),
+    Item("1", "en", "The man.", ("Water.", "The toilet."), 1, "effect"),
+    Item("2", "en", "She lost.", ("Milk.", "Tap.", "He poured the water."), 0, "cause"),
+    Item("3", "en", "Water.", ("A man.", "B"), 0, "cause"),
 ]
 
 
@@ -38,9 +41,9 @@ def _log_softmax(x):
 
 def test_option_loglik_equals_direct_computation(tiny):
     model, tok, _ = tiny
-    scores = ev.score_items(ITEMS, tok, template=ev.XCOPA_TEMPLATE, model=model, methods=("options",), batch_rows=4, progress=False)
+    scores = score_items(ITEMS, tok, template=XCOPA_TEMPLATE, model=model, methods=("options",), batch_rows=4, progress=False)
     for i, item in enumerate(ITEMS):
-        context = tok.encode(ev.XCOPA_TEMPLATE.context_text(item))  # with <bos>
+        context = tok.encode(XCOPA_TEMPLATE.context_text(item))  # with <bos>
         assert context[0] == tok.bos_token_id
         for k, option in enumerate(item.options):
             cont = tok.encode(" " + option, add_special_tokens=False)
@@ -58,14 +61,14 @@ def test_padding_and_batching_do_not_change_scores(tiny):
     import jax
 
     model, tok, _ = tiny
-    runs = [ev.score_items(ITEMS, tok, template=ev.XCOPA_TEMPLATE, model=model, batch_rows=b, progress=False) for b in (1, 5)]
-    full = ev.score_items(ITEMS, tok, lambda t, m: model(t, m)[0], ev.XCOPA_TEMPLATE, model=model, batch_rows=5, progress=False)  # all T
+    runs = [score_items(ITEMS, tok, template=XCOPA_TEMPLATE, model=model, batch_rows=b, progress=False) for b in (1, 5)]
+    full = score_items(ITEMS, tok, lambda t, m: model(t, m)[0], XCOPA_TEMPLATE, model=model, batch_rows=5, progress=False)  # all T
     for other in runs[1:] + [full]:
         np.testing.assert_allclose(other.ll, runs[0].ll, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(other.letter, runs[0].letter, rtol=1e-5, atol=1e-5)
     # A sweep's leading axes are carried through: two stacked forwards -> scores [2, N, O].
-    fn = ev.model_forward(model)
-    stacked = ev.score_items(ITEMS, tok, lambda t, m: jax.numpy.stack([fn(t, m), fn(t, m)]), ev.XCOPA_TEMPLATE,
+    fn = model_forward(model)
+    stacked = score_items(ITEMS, tok, lambda t, m: jax.numpy.stack([fn(t, m), fn(t, m)]), XCOPA_TEMPLATE,
                              model=model, batch_rows=5, progress=False)
     assert stacked.ll.shape == (2,) + runs[0].ll.shape and stacked.letter_mass.shape == (2, len(ITEMS))
     np.testing.assert_allclose(stacked.ll[1], runs[0].ll, rtol=1e-5, atol=1e-5)
@@ -82,7 +85,7 @@ def test_forward_fn_can_take_the_batch(tiny):
         seen.append(batch)
         return model(tokens, mask)[0]
 
-    ev.score_items(ITEMS, tok, forward_fn, ev.XCOPA_TEMPLATE, model=model, batch_rows=5, progress=False)
+    score_items(ITEMS, tok, forward_fn, XCOPA_TEMPLATE, model=model, batch_rows=5, progress=False)
     assert sorted(int(i) for b in seen for i in b.item if i >= 0) == sorted([0, 0, 1, 1, 1, 2, 2] + [0, 1, 2])
 
 
@@ -101,11 +104,11 @@ def test_batches_have_fixed_shapes():
 
 def test_letter_scores_equal_softmax_restricted_to_letter_ids(tiny):
     model, tok, _ = tiny
-    scores = ev.score_items(ITEMS, tok, template=ev.XCOPA_TEMPLATE, model=model, methods=("letters",), progress=False)
-    letter_ids = ev.letter_token_ids(tok, ev.XCOPA_TEMPLATE, 3)
+    scores = score_items(ITEMS, tok, template=XCOPA_TEMPLATE, model=model, methods=("letters",), progress=False)
+    letter_ids = letter_token_ids(tok, XCOPA_TEMPLATE, 3)
     assert [tok.convert_ids_to_tokens(g) for g in letter_ids] == [["A", "▁A"], ["B", "▁B"], ["C", "▁C"]]
     for i, item in enumerate(ITEMS):
-        ids = tok.encode(ev.XCOPA_TEMPLATE.lettered_text(item))
+        ids = tok.encode(XCOPA_TEMPLATE.lettered_text(item))
         probs = np.exp(_log_softmax(_direct_logits(model, ids)[-1]))
         per_letter = np.array([probs[g].sum() for g in letter_ids[: len(item.options)]])
         np.testing.assert_allclose(np.exp(scores.letter[i, : len(item.options)]), per_letter / per_letter.sum(), rtol=1e-5, atol=1e-6)
@@ -121,19 +124,19 @@ def test_letter_ids_take_both_spellings():
         def encode(self, text, add_special_tokens=False):
             return self.table[text]
 
-    assert ev.letter_token_ids(Fake(), ev.XCOPA_TEMPLATE, 2) == [[2, 3], [4, 5]]
+    assert letter_token_ids(Fake(), XCOPA_TEMPLATE, 2) == [[2, 3], [4, 5]]
     Fake.table["C"], Fake.table[" C"], Fake.table["\nAnswer:C"], Fake.table["\nAnswer: C"] = [8, 8], [7, 8], [9, 1, 8, 8], [9, 1, 7, 8]
     with pytest.raises(ValueError, match="no single token for letter 'C'"):
-        ev.letter_token_ids(Fake(), ev.XCOPA_TEMPLATE, 3)
+        letter_token_ids(Fake(), XCOPA_TEMPLATE, 3)
 
 
 def test_no_recompilation_across_items(tiny):
     model, tok, _ = tiny
-    items = [ev.Item(str(n), "en", "The man turned on the tap." + " a" * (n % 3), ("Water.", "Milk."), 0, "cause") for n in range(12)]
-    ev.score_items(items[:4], tok, template=ev.XCOPA_TEMPLATE, model=model, batch_rows=4, progress=False)
-    before = (ev._tail_logits._cache_size(), ev.continuation_logprob._cache_size(), ev.letter_logprobs._cache_size())
-    ev.score_items(items, tok, template=ev.XCOPA_TEMPLATE, model=model, batch_rows=4, progress=False)  # same buckets, new values
-    assert (ev._tail_logits._cache_size(), ev.continuation_logprob._cache_size(), ev.letter_logprobs._cache_size()) == before
+    items = [Item(str(n), "en", "The man turned on the tap." + " a" * (n % 3), ("Water.", "Milk."), 0, "cause") for n in range(12)]
+    score_items(items[:4], tok, template=XCOPA_TEMPLATE, model=model, batch_rows=4, progress=False)
+    before = (tail_logits._cache_size(), continuation_logprob._cache_size(), letter_logprobs._cache_size())
+    score_items(items, tok, template=XCOPA_TEMPLATE, model=model, batch_rows=4, progress=False)  # same buckets, new values
+    assert (tail_logits._cache_size(), continuation_logprob._cache_size(), letter_logprobs._cache_size()) == before
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -172,10 +175,10 @@ def test_metrics_hand_cases():
 
 
 def test_evaluate_pairs_and_english():
-    items = [ev.Item(str(i), lang, "q", ("a", "b"), ans) for lang in ("en", "xx", "yy") for i, ans in enumerate([0, 1, 0, 1])]
+    items = [Item(str(i), lang, "q", ("a", "b"), ans) for lang in ("en", "xx", "yy") for i, ans in enumerate([0, 1, 0, 1])]
     s = {"en": [[1, 0], [0, 1], [1, 0], [1, 0]], "xx": [[1, 0], [1, 0], [0, 1], [1, 0]], "yy": [[0, 1], [0, 1], [1, 0], [0, 1]]}
     ll = np.array([row for lang in ("en", "xx", "yy") for row in s[lang]], float)
-    result = ev.evaluate(items, ev.Scores(ll=ll, n_tokens=np.ones_like(ll), n_chars=np.ones_like(ll)))
+    result = ev.evaluate(items, Scores(ll=ll, n_tokens=np.ones_like(ll), n_chars=np.ones_like(ll)))
     m = result["methods"]["ll"]
     assert m["accuracy"] == {"en": 0.75, "xx": 0.25, "yy": 0.75}
     assert m["vs_english"]["consistency"] == {"xx": 0.0, "yy": 0.0}
@@ -191,15 +194,15 @@ def test_evaluate_pairs_and_english():
 
 
 def test_xcopa_items_parallel_with_english():
-    items = ev.load_xcopa(["et", "zh"], limit=5)
+    items = load_xcopa(["et", "zh"], limit=5)
     assert [i.lang for i in items] == ["en"] * 5 + ["et"] * 5 + ["zh"] * 5
     en, et = items[:5], items[5:10]
     assert [i.id for i in en] == [i.id for i in et] and [i.answer for i in en] == [i.answer for i in et]
     assert en[0].prompt.startswith("The ") and et[0].kind in ("cause", "effect")
-    text = ev.XCOPA_TEMPLATE.lettered_text(et[0])
+    text = XCOPA_TEMPLATE.lettered_text(et[0])
     assert text.startswith(et[0].prompt + "\nQuestion: What") and text.endswith(f"B. {et[0].options[1]}\nAnswer:")
     with pytest.raises(ValueError, match="no language"):
-        ev.load_xcopa(["xx"])
+        load_xcopa(["xx"])
 
 
 @pytest.mark.parametrize("line, message", [
@@ -216,7 +219,7 @@ def test_jsonl_errors_name_the_line(tmp_path, line, message):
     path = tmp_path / "lines.jsonl"
     path.write_text('{"id": 0, "lang": "en", "question": "q", "options": ["a", "b"], "answer": "B"}\n' + line + "\n")
     with pytest.raises(ValueError, match=message.replace("line.*", "")):
-        ev.load_jsonl(path)
+        load_jsonl(path)
 
 
 def test_jsonl_reads_letters_and_limits(tmp_path):
@@ -224,10 +227,10 @@ def test_jsonl_reads_letters_and_limits(tmp_path):
     rows = [{"id": i, "lang": lang, "question": "q", "options": ["a", "b", "c"], "answer": "c" if i else 1}
             for lang in ("en", "sw") for i in range(3)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    items = ev.load_jsonl(path, limit=2)
+    items = load_jsonl(path, limit=2)
     assert [(i.id, i.lang, i.answer) for i in items] == [("0", "en", 1), ("1", "en", 2), ("0", "sw", 1), ("1", "sw", 2)]
     with pytest.raises(FileNotFoundError):
-        ev.load_jsonl(tmp_path / "missing.jsonl")
+        load_jsonl(tmp_path / "missing.jsonl")
 
 
 # -- command ---------------------------------------------------------------------------------------
@@ -249,7 +252,7 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
     names = {"summary.json", "items.csv", "scores.npz", "accuracy.png", "consistency.png", "index.html"}
     assert {p.name for p in out.iterdir()} == names and not (tmp_path / "eval.partial").exists()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["languages"] == ["en", "xx"] and set(summary["methods"]) == set(ev.METHODS)
+    assert summary["languages"] == ["en", "xx"] and set(summary["methods"]) == set(METHODS)
     arrays = read_arrays(out / "scores.npz")
     acc = np.mean(ev.predictions(arrays["ll"])[arrays["langs"] == "xx"] == arrays["answers"][arrays["langs"] == "xx"])
     assert summary["methods"]["ll"]["accuracy"]["xx"] == pytest.approx(acc)
@@ -269,14 +272,14 @@ def test_cli_end_to_end(tiny, tmp_path, monkeypatch):
 def test_template_override(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"cues": {"cause": "Why?", "effect": "Then?"}, "context": "{stem}\nA:"}))
-    t = ev.XCOPA_TEMPLATE.override(path)
-    item = ev.Item("0", "et", "P.", ("x", "y"), 0, "cause")
-    assert t.context_text(item) == "P.\nQuestion: Why?\nA:" and t.lettered == ev.XCOPA_TEMPLATE.lettered
+    t = XCOPA_TEMPLATE.override(path)
+    item = Item("0", "et", "P.", ("x", "y"), 0, "cause")
+    assert t.context_text(item) == "P.\nQuestion: Why?\nA:" and t.lettered == XCOPA_TEMPLATE.lettered
     path.write_text(json.dumps({"stems": "{prompt}"}))
     with pytest.raises(ValueError, match="fields from"):
-        ev.XCOPA_TEMPLATE.override(path)
+        XCOPA_TEMPLATE.override(path)
     with pytest.raises(ValueError, match="no cue for question kind 'other'"):
-        ev.XCOPA_TEMPLATE.context_text(ev.Item("0", "et", "P.", ("x", "y"), 0, "other"))
+        XCOPA_TEMPLATE.context_text(Item("0", "et", "P.", ("x", "y"), 0, "other"))
 
 
 @pytest.mark.slow
@@ -300,10 +303,10 @@ def test_real_model_scores_match_full_logits():  # SmolLM2-135M (byte-level BPE)
 
     model = jaxlens.load("smollm2-135m")
     tok = model.tokenizer
-    assert [set(tok.convert_ids_to_tokens(g)) for g in ev.letter_token_ids(tok, ev.XCOPA_TEMPLATE, 2)] == [{"A", "ĠA"}, {"B", "ĠB"}]
-    items = ev.load_xcopa(["zh"], limit=3)
-    tail = ev.score_items(items, tok, template=ev.XCOPA_TEMPLATE, model=model, progress=False)  # logits at the tail only
-    full = ev.score_items(items, tok, lambda t, m: model(t, m)[0], ev.XCOPA_TEMPLATE, model=model, progress=False)
+    assert [set(tok.convert_ids_to_tokens(g)) for g in letter_token_ids(tok, XCOPA_TEMPLATE, 2)] == [{"A", "ĠA"}, {"B", "ĠB"}]
+    items = load_xcopa(["zh"], limit=3)
+    tail = score_items(items, tok, template=XCOPA_TEMPLATE, model=model, progress=False)  # logits at the tail only
+    full = score_items(items, tok, lambda t, m: model(t, m)[0], XCOPA_TEMPLATE, model=model, progress=False)
     np.testing.assert_allclose(tail.ll, full.ll, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(tail.letter, full.letter, rtol=1e-5, atol=1e-5)
     assert np.all(tail.ll < 0) and np.all((tail.letter_mass > 0) & (tail.letter_mass <= 1))

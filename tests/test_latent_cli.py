@@ -103,7 +103,8 @@ def test_latent_language_cli(tiny, tiny_dir, tmp_path, capsys):
 
 
 def test_mc_lens_cli(tiny, tiny_dir, tmp_path):
-    from jaxlens.methods.evaluation import JSONL_TEMPLATE, Item
+    from jaxlens.data.items import Item
+    from jaxlens.data.templates import JSONL_TEMPLATE
 
     rows = []
     for i in range(5):
@@ -138,7 +139,8 @@ def test_mc_lens_cli(tiny, tiny_dir, tmp_path):
 
 
 def test_mc_cosine_to_itself_is_one(tiny):
-    from jaxlens.methods.evaluation import JSONL_TEMPLATE, Item
+    from jaxlens.data.items import Item
+    from jaxlens.data.templates import JSONL_TEMPLATE
     from jaxlens.methods.mc_lens import mc_lens
 
     items = [Item(str(i), "xx", f"Q{i}?", ("a", "b"), 0) for i in range(3)]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import parallel_items
-from jaxlens.methods import evaluation as ev
+from jaxlens.data.templates import XCOPA_TEMPLATE
+from jaxlens.methods.scoring import score_items
 from jaxlens.core import interventions as iv
 from jaxlens.methods import steer
 from jaxlens.core.forward import forward
@@ -20,7 +21,7 @@ ITEMS = parallel_items()
 
 def test_language_vectors_are_the_mean_difference(tiny):
     model, _, _ = tiny
-    template = ev.XCOPA_TEMPLATE
+    template = XCOPA_TEMPLATE
     v = steer.language_vectors(model, ITEMS, template, method="options")
     en = last_token_states(model, [template.context_text(i) for i in ITEMS[:2]])
     xx = last_token_states(model, [template.context_text(i) for i in ITEMS[2:]])
@@ -32,14 +33,14 @@ def test_language_vectors_are_the_mean_difference(tiny):
 @pytest.mark.parametrize("positions,method", [("all", "options"), ("last", "letters")])
 def test_grid_points_equal_the_harness_with_the_intervention(tiny, positions, method):
     model, _, _ = tiny
-    template = ev.XCOPA_TEMPLATE
+    template = XCOPA_TEMPLATE
     L, D = model.config.n_layers, model.config.d_model
     vectors = {"xx": np.random.default_rng(0).standard_normal((L, D)).astype(np.float32)}
     points = steer.grid([0, L - 1], [0.0, 2.0])
     scores = steer.steer_scores(model, ITEMS, template, vectors, points, positions=positions, method=method, progress=False)
     key = "ll" if method == "options" else "letter"
     methods = (method,)
-    clean = ev.score_items(ITEMS, model.tokenizer, template=template, model=model, methods=methods, progress=False)
+    clean = score_items(ITEMS, model.tokenizer, template=template, model=model, methods=methods, progress=False)
     for g, (layer, alpha) in enumerate(points):
         def forward_fn(tokens, mask, batch, layer=int(layer), alpha=float(alpha)):
             lang_rows = np.array([ITEMS[i].lang == "xx" if i >= 0 else False for i in batch.item])
@@ -47,7 +48,7 @@ def test_grid_points_equal_the_harness_with_the_intervention(tiny, positions, me
             at = iv.at_positions(batch.prompt_last, tokens.shape[1]) if positions == "last" else np.asarray(mask, bool)
             add = iv.add("resid_post", vector, alpha, layers=layer, positions=at)
             return forward(model.params, tokens, mask, config=model.config, interventions=add)[0]
-        direct = ev.score_items(ITEMS, model.tokenizer, forward_fn, template, model=model, methods=methods, progress=False)
+        direct = score_items(ITEMS, model.tokenizer, forward_fn, template, model=model, methods=methods, progress=False)
         np.testing.assert_allclose(getattr(scores, key)[g], getattr(direct, key), atol=2e-4)
         if alpha == 0:
             np.testing.assert_allclose(getattr(scores, key)[g], getattr(clean, key), atol=2e-4)
@@ -60,10 +61,10 @@ def test_grid_points_equal_the_harness_with_the_intervention(tiny, positions, me
 def test_bad_grid_is_named(tiny):
     model, _, _ = tiny
     with pytest.raises(ValueError, match="out of range"):
-        steer.steer_scores(model, ITEMS, ev.XCOPA_TEMPLATE, {"xx": np.zeros((model.config.n_layers, model.config.d_model))},
+        steer.steer_scores(model, ITEMS, XCOPA_TEMPLATE, {"xx": np.zeros((model.config.n_layers, model.config.d_model))},
                            steer.grid([99], [1.0]), progress=False)
     with pytest.raises(ValueError, match="positions must be"):
-        steer.steer_scores(model, ITEMS, ev.XCOPA_TEMPLATE, {}, steer.grid([0], [1.0]), positions="first", progress=False)
+        steer.steer_scores(model, ITEMS, XCOPA_TEMPLATE, {}, steer.grid([0], [1.0]), positions="first", progress=False)
 
 def test_cli_end_to_end(tiny, tmp_path):
     from jaxlens.cli import main

@@ -151,15 +151,16 @@ def tiny_sub(tiny):
 
 @pytest.mark.parametrize("kind,positions", [("shift", "all"), ("shift", "last"), ("project", "all"), ("scale", "last")])
 def test_sweep_points_equal_the_harness_with_the_intervention(tiny, tiny_sub, kind, positions):
-    from jaxlens.methods import evaluation as ev
+    from jaxlens.data.templates import XCOPA_TEMPLATE
+    from jaxlens.methods.scoring import score_items
     from jaxlens.core import interventions as iv
 
     model, _, _ = tiny
-    items, template = _items(), ev.XCOPA_TEMPLATE
+    items, template = _items(), XCOPA_TEMPLATE
     sub = tiny_sub
     points = np.array([(0, 0.0 if kind != "scale" else 1.0), (1, 2.0), (0, -1.5)])
     scores = ss.steer_scores(model, items, template, sub, points, kind=kind, positions=positions, progress=False)
-    clean = ev.score_items(items, model.tokenizer, template=template, model=model, methods=("letters",), progress=False)
+    clean = score_items(items, model.tokenizer, template=template, model=model, methods=("letters",), progress=False)
     for g, (layer, alpha) in enumerate(points):
         def forward_fn(tokens, mask, batch, layer=int(layer), alpha=float(alpha)):
             rows = np.array([sub.langs.index(items[i].lang) if i >= 0 and items[i].lang != "en" else -1 for i in batch.item])
@@ -172,7 +173,7 @@ def test_sweep_points_equal_the_harness_with_the_intervention(tiny, tiny_sub, ki
                 factor = 1 - alpha if kind == "project" else alpha
                 op = iv.scale_along("resid_post", P[layer].astype(np.float32), factor, layers=layer, positions=at)
             return forward(model.params, tokens, mask, config=model.config, interventions=op)[0]
-        direct = ev.score_items(items, model.tokenizer, forward_fn, template, model=model, methods=("letters",), progress=False)
+        direct = score_items(items, model.tokenizer, forward_fn, template, model=model, methods=("letters",), progress=False)
         np.testing.assert_allclose(scores.letter[g], direct.letter, atol=2e-4)
         if g == 0:  # the identity point
             np.testing.assert_allclose(scores.letter[g], clean.letter, atol=2e-4)
@@ -182,14 +183,14 @@ def test_sweep_points_equal_the_harness_with_the_intervention(tiny, tiny_sub, ki
 
 
 def test_steer_refuses_the_post_norm_layer(tiny, tiny_sub):
-    from jaxlens.methods import evaluation as ev
+    from jaxlens.data.templates import XCOPA_TEMPLATE
 
     model, _, _ = tiny
     L = model.config.n_layers
     with pytest.raises(ValueError, match=f"layer {L - 1} was probed after the final norm"):
-        ss.steer_scores(model, _items(), ev.XCOPA_TEMPLATE, tiny_sub, np.array([(L - 1, 1.0)]), progress=False)
+        ss.steer_scores(model, _items(), XCOPA_TEMPLATE, tiny_sub, np.array([(L - 1, 1.0)]), progress=False)
     with pytest.raises(ValueError, match="out of range"):
-        ss.steer_scores(model, _items(), ev.XCOPA_TEMPLATE, tiny_sub, np.array([(L, 1.0)]), progress=False)
+        ss.steer_scores(model, _items(), XCOPA_TEMPLATE, tiny_sub, np.array([(L, 1.0)]), progress=False)
 
 
 # ---- diagnostics --------------------------------------------------------------------------------

@@ -78,14 +78,16 @@ def test_a_pass_transplanted_into_itself_at_the_same_layer_changes_nothing(setup
 # ---- items: scores per pair against the evaluation harness with the transplant in a full pass ----
 
 from conftest import parallel_items  # noqa: E402
-from jaxlens.methods import evaluation as ev  # noqa: E402
+from jaxlens.data.items import Item  # noqa: E402
+from jaxlens.data.templates import XCOPA_TEMPLATE  # noqa: E402
+from jaxlens.methods.scoring import score_items  # noqa: E402
 
 PARALLEL = parallel_items()
 
 
 def test_item_scores_equal_the_harness_with_a_full_pass_transplant(tiny):
     model, _, _ = tiny
-    template = ev.XCOPA_TEMPLATE
+    template = XCOPA_TEMPLATE
     L = model.config.n_layers
     pairs = np.array([[0, 2], [2, 0], [1, 1]], np.int32)
     targets, scores, _ = xt.transplant_scores(model, PARALLEL, template, pairs, method="letters", progress=False)
@@ -97,12 +99,12 @@ def test_item_scores_equal_the_harness_with_a_full_pass_transplant(tiny):
             src = jnp.asarray(source[np.maximum(batch.item, 0), i])
             graft = iv.transplant("mlp_out", src, j, iv.at_positions(batch.prompt_last, tokens.shape[1]))
             return forward(model.params, tokens, mask, config=model.config, interventions=graft)[0]
-        direct = ev.score_items(targets, model.tokenizer, forward_fn, template, model=model, methods=("letters",), progress=False)
+        direct = score_items(targets, model.tokenizer, forward_fn, template, model=model, methods=("letters",), progress=False)
         np.testing.assert_allclose(scores.letter[p], direct.letter, atol=1e-4)
     assert L >= 3
 
 def test_analyse_upper_bound_unions_and_offline_pair():
-    targets = [ev.Item(str(n), "xx", "q", ("a", "b"), 0) for n in range(4)]
+    targets = [Item(str(n), "xx", "q", ("a", "b"), 0) for n in range(4)]
     pairs = xt.all_pairs(2)  # (0,0) (0,1) (1,0) (1,1)
     correct = np.array([[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 1], [1, 0, 0, 1]], bool)  # [P, N]
     scores = np.where(correct[..., None], [[1.0, 0.0]], [[0.0, 1.0]])  # option 0 is the answer
@@ -121,7 +123,7 @@ def test_analyse_upper_bound_unions_and_offline_pair():
 def test_offline_splits_are_never_shrunk():
     """The pilot and test splits are named and disjoint; a pilot that leaves fewer test items than
     asked is refused (it was silently halved to min(pilot, n // 2) before)."""
-    targets = [ev.Item(str(n), "xx", "q", ("a", "b"), 0) for n in range(6)]
+    targets = [Item(str(n), "xx", "q", ("a", "b"), 0) for n in range(6)]
     correct = np.random.default_rng(0).uniform(size=(4, 6)) < 0.5
     r = xt.analyse_correct(targets, correct, xt.all_pairs(2), 2, pilot=3, test=2)["xx"]["offline"]
     assert r["splits"] == {"pilot": ["0", "1", "2"], "test": ["3", "4"]} and (r["pilot_items"], r["test_items"]) == (3, 2)
@@ -145,7 +147,7 @@ def test_upper_bound_null_model():
     assert null["mean"] == pytest.approx(1 - np.prod(1 - accuracy), abs=0.01)
     assert null["mean"] <= null["p95"] and null["permutations"] == 2000 and null["seed"] == 3
     assert xt.null_upper_bound(correct, 50, seed=3) == xt.null_upper_bound(correct, 50, seed=3)  # seeded
-    targets = [ev.Item(str(i), "xx", "q", ("a", "b"), 0) for i in range(n)]
+    targets = [Item(str(i), "xx", "q", ("a", "b"), 0) for i in range(n)]
     r = xt.analyse_correct(targets, correct, np.stack([np.arange(P), np.zeros(P, int)], 1), P, pilot=0,
                            null_permutations=50, seed=3)["xx"]
     assert r["upper_bound"] == accuracy.max() and r["upper_bound_null"] == xt.null_upper_bound(correct, 50, seed=3)
@@ -158,7 +160,7 @@ def test_generation_after_a_transplant_equals_full_passes(tiny):
     model, tokenizer, _ = tiny
     # Weights x3: the random-init tiny model's greedy tokens ignore a transplant at its init scale.
     model = dataclasses.replace(model, params=jax.tree.map(lambda p: 3 * p, model.params))
-    template, n_new = ev.XCOPA_TEMPLATE, 4
+    template, n_new = XCOPA_TEMPLATE, 4
     pairs = np.array([[2, 0], [0, 1], [1, 1]], np.int32)
     targets, got_pairs, texts = xt.transplant_generations(model, PARALLEL, template, pairs, max_new_tokens=n_new,
                                                           batch_rows=4, progress=False)
@@ -184,14 +186,14 @@ def test_generation_after_a_transplant_equals_full_passes(tiny):
 def test_generation_lengths_are_checked(tiny):
     model, _, _ = tiny
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
-        xt.transplant_generations(model, PARALLEL, ev.XCOPA_TEMPLATE, [[0, 0]], max_new_tokens=0, progress=False)
+        xt.transplant_generations(model, PARALLEL, XCOPA_TEMPLATE, [[0, 0]], max_new_tokens=0, progress=False)
     with pytest.raises(ValueError, match="exceeds the model's max_positions"):
-        xt.transplant_generations(model, PARALLEL, ev.XCOPA_TEMPLATE, [[0, 0]], max_new_tokens=model.config.max_positions,
+        xt.transplant_generations(model, PARALLEL, XCOPA_TEMPLATE, [[0, 0]], max_new_tokens=model.config.max_positions,
                                   progress=False)
 
 
 def test_generated_correct_reads_letters_and_options():
-    items = [ev.Item("1", "xx", "q", ("Water.", "Milk."), 1), ev.Item("2", "xx", "q", ("Wat", "Water"), 0)]
+    items = [Item("1", "xx", "q", ("Water.", "Milk."), 1), Item("2", "xx", "q", ("Wat", "Water"), 0)]
     assert xt.generated_correct(items, [" B. Because", "a. no"]).tolist() == [True, True]
     assert xt.generated_correct(items, ["A.", "B"]).tolist() == [False, False]
     # options: the generation must begin more like the answer than like any other option
@@ -202,7 +204,7 @@ def test_generated_correct_reads_letters_and_options():
 def test_transplant_needs_parallel_sources(tiny):
     model, _, _ = tiny
     with pytest.raises(ValueError, match="no parallel 'en' item"):
-        xt.transplant_scores(model, PARALLEL[2:] + PARALLEL[:1], ev.XCOPA_TEMPLATE, progress=False)
+        xt.transplant_scores(model, PARALLEL[2:] + PARALLEL[:1], XCOPA_TEMPLATE, progress=False)
 
 def test_cli_end_to_end(tiny, tmp_path):
     import json

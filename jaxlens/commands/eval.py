@@ -20,6 +20,9 @@ def run(args) -> int:
     import numpy as np
 
     import jaxlens
+    from jaxlens.data.items import LETTERS, load_jsonl, load_xcopa
+    from jaxlens.data.templates import TEMPLATES
+    from jaxlens.methods.scoring import letter_token_ids, score_items
     from jaxlens.methods import evaluation as ev
     from jaxlens.data.xcopa import XCOPA_LANGS
     from jaxlens.report.io import output_dir, write_arrays, write_json
@@ -27,17 +30,17 @@ def run(args) -> int:
     langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()] if args.langs else None
     if args.data == "xcopa":
         langs = langs or list(XCOPA_LANGS)
-        items = ev.load_xcopa(langs, split=args.split, english=args.english, english_from=args.english_from, limit=args.limit)
-        template = ev.TEMPLATES["xcopa"]
+        items = load_xcopa(langs, split=args.split, english=args.english, english_from=args.english_from, limit=args.limit)
+        template = TEMPLATES["xcopa"]
     else:
-        items = ev.load_jsonl(args.data, limit=args.limit)
+        items = load_jsonl(args.data, limit=args.limit)
         if langs:
             keep = set(langs) | ({"en"} if args.english else set())
             missing = keep - {item.lang for item in items}
             if missing:
                 raise ValueError(f"{args.data} has no items in language(s) {sorted(missing)}")
             items = [item for item in items if item.lang in keep]
-        template = ev.TEMPLATES["jsonl"]
+        template = TEMPLATES["jsonl"]
     if args.template:
         template = template.override(args.template)
     methods = {"both": ("options", "letters"), "options": ("options",), "letters": ("letters",)}[args.methods]
@@ -46,7 +49,7 @@ def run(args) -> int:
     model = jaxlens.load(args.model, dtype=args.dtype)
     print(f"loaded {args.model} ({model.config.family}, {model.config.n_layers} layers) in {time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
-    scores = ev.score_items(items, model.tokenizer, template=template, model=model, methods=methods, batch_rows=args.batch_rows)
+    scores = score_items(items, model.tokenizer, template=template, model=model, methods=methods, batch_rows=args.batch_rows)
     seconds = time.perf_counter() - t0
     result = ev.evaluate(items, scores)
     print(f"scored {len(items)} items in {seconds:.1f}s")
@@ -61,8 +64,8 @@ def run(args) -> int:
             **result,
         }
         if "letters" in methods:
-            ids = ev.letter_token_ids(model.tokenizer, template, max(len(i.options) for i in items))
-            summary["letter_tokens"] = {ev.LETTERS[k]: [model.tokenizer.convert_ids_to_tokens(t) for t in g] for k, g in enumerate(ids)}
+            ids = letter_token_ids(model.tokenizer, template, max(len(i.options) for i in items))
+            summary["letter_tokens"] = {LETTERS[k]: [model.tokenizer.convert_ids_to_tokens(t) for t in g] for k, g in enumerate(ids)}
         write_json(out / "summary.json", summary)
         arrays = {k: v for k, v in dataclasses.asdict(scores).items() if v is not None}
         write_arrays(out / "scores.npz", ids=np.array([i.id for i in items]), langs=np.array([i.lang for i in items]),
@@ -168,7 +171,9 @@ def plot_consistency(path, result: dict) -> None:
 
 
 def write_html(path, args, summary: dict, table: str) -> None:
-    from jaxlens.methods.evaluation import LETTERS, METHOD_NAMES, PAIR_METRICS
+    from jaxlens.data.items import LETTERS
+    from jaxlens.methods.evaluation import PAIR_METRICS
+    from jaxlens.methods.scoring import METHOD_NAMES
     from jaxlens.report.html import Section, write_report
 
     langs, methods = summary["languages"], list(summary["methods"])
@@ -210,7 +215,7 @@ def register(sub) -> None:
     p.add_argument("--split", default="val", help="XCOPA split: val (100 items) | test (500)")
     p.add_argument("--limit", type=int, help="first N items per language")
     p.add_argument("--methods", default="both", choices=("both", "options", "letters"), help="option log-likelihood, letter probability, or both")
-    p.add_argument("--template", help="JSON file overriding fields of the dataset's prompt template (see jaxlens.methods.evaluation.Template)")
+    p.add_argument("--template", help="JSON file overriding fields of the dataset's prompt template (see jaxlens.data.templates.Template)")
     p.add_argument("--batch-rows", type=int, default=8, help="sequences per forward (every batch has this many rows)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     p.add_argument("--out", required=True, help="output directory (written atomically)")

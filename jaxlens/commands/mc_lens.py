@@ -9,7 +9,8 @@ from jaxlens.runtime.zoo import DEFAULT_MODEL
 
 def load_items(args):
     """-> (by_lang, english, template) for `mc_lens` from --xcopa or --items."""
-    from jaxlens.methods import evaluation as ev
+    from jaxlens.data.items import load_jsonl, xcopa_items
+    from jaxlens.data.templates import TEMPLATES
 
     def cap(items):
         return items[: args.max_items] if args.max_items else items
@@ -18,17 +19,17 @@ def load_items(args):
         raise ValueError("give exactly one of --xcopa LANGS (e.g. zh,sw,it) or --items FILE.jsonl")
     if args.xcopa:
         langs = [x.strip() for x in args.xcopa.split(",") if x.strip()]
-        by_lang = {lang: cap(ev.xcopa_items(lang, args.split)) for lang in langs}
-        english = {lang: (f"en:{lang}", cap(ev.xcopa_items(lang, args.split, english=True))) for lang in langs}
-        return by_lang, english, ev.TEMPLATES["xcopa"]
+        by_lang = {lang: cap(xcopa_items(lang, args.split)) for lang in langs}
+        english = {lang: (f"en:{lang}", cap(xcopa_items(lang, args.split, english=True))) for lang in langs}
+        return by_lang, english, TEMPLATES["xcopa"]
     by_lang = {}
-    for item in ev.load_jsonl(args.items):
+    for item in load_jsonl(args.items):
         by_lang.setdefault(item.lang, []).append(item)
     by_lang = {lang: cap(items) for lang, items in by_lang.items()}
     english = {lang: ("en", by_lang["en"]) for lang in by_lang if lang != "en"} if "en" in by_lang else {}
     if not english:
         print("note: no 'en' items, so no cosine to English (the shared-space measure)")
-    return by_lang, english, ev.TEMPLATES["jsonl"]
+    return by_lang, english, TEMPLATES["jsonl"]
 
 
 def run(args) -> int:

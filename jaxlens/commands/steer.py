@@ -23,22 +23,24 @@ def _ints(text):
 def run(args) -> int:
 
     import jaxlens
-    from jaxlens.methods import evaluation as ev
+    from jaxlens.data.items import load_jsonl, load_xcopa
+    from jaxlens.data.templates import TEMPLATES
+    from jaxlens.methods.scoring import score_items
     from jaxlens.methods import steer
     from jaxlens.report.io import output_dir, write_arrays, write_json
     from jaxlens.report.html import Section, write_report
 
     langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
     alphas = [float(x) for x in args.alphas.split(",") if x.strip()]
-    template = ev.TEMPLATES["xcopa"]
+    template = TEMPLATES["xcopa"]
     if args.data == "xcopa":
-        vector_items = ev.load_xcopa(langs, split="val", english=True, limit=args.vector_items)
-        items = ev.load_xcopa(langs, split="test", english=True, limit=args.limit)
+        vector_items = load_xcopa(langs, split="val", english=True, limit=args.vector_items)
+        items = load_xcopa(langs, split="test", english=True, limit=args.limit)
     else:  # the first --vector-items of each language make the vectors; the rest are scored
-        template = ev.TEMPLATES["jsonl"]
+        template = TEMPLATES["jsonl"]
         seen: dict[str, int] = {}
         vector_items, items = [], []
-        for item in ev.load_jsonl(args.data):
+        for item in load_jsonl(args.data):
             if item.lang not in set(langs) | {"en"}:
                 continue
             n = seen[item.lang] = seen.get(item.lang, 0) + 1
@@ -54,7 +56,7 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     vectors = steer.language_vectors(model, vector_items, template, method=args.method, batch_rows=args.batch_rows)
-    clean = ev.score_items(items, model.tokenizer, template=template, model=model, methods=methods, batch_rows=args.batch_rows)
+    clean = score_items(items, model.tokenizer, template=template, model=model, methods=methods, batch_rows=args.batch_rows)
     scores = steer.steer_scores(model, items, template, vectors, points, positions=args.positions, method=args.method,
                                 batch_rows=args.batch_rows)
     seconds = time.perf_counter() - t0

@@ -160,10 +160,13 @@ def _xcopa_eval(model, langs, limit, batch_rows):
     """Letter accuracy per language on XCOPA test items (English: the machine-translated side), with its standard error."""
     import numpy as np
 
+    from jaxlens.data.items import load_xcopa
+    from jaxlens.data.templates import XCOPA_TEMPLATE
+    from jaxlens.methods.scoring import score_items
     from jaxlens.methods import evaluation as ev
 
-    items = ev.load_xcopa([l for l in langs if l != "en"], split="test", english="en" in langs, limit=limit)
-    scores = ev.score_items(items, model.tokenizer, template=ev.XCOPA_TEMPLATE, model=model, methods=("letters",),
+    items = load_xcopa([l for l in langs if l != "en"], split="test", english="en" in langs, limit=limit)
+    scores = score_items(items, model.tokenizer, template=XCOPA_TEMPLATE, model=model, methods=("letters",),
                             batch_rows=batch_rows)
     res = ev.evaluate(items, scores)
     method = next(iter(res["methods"]))
@@ -176,6 +179,9 @@ def run_steer(args) -> int:
     import jaxlens
     import numpy as np
 
+    from jaxlens.data.items import load_xcopa
+    from jaxlens.data.templates import XCOPA_TEMPLATE
+    from jaxlens.methods.scoring import score_items
     from jaxlens.methods import evaluation as ev
     from jaxlens.methods import steer
     from jaxlens.methods import subspace as ss
@@ -189,11 +195,11 @@ def run_steer(args) -> int:
     layers = _list(args.layers, int) or list(range(L - 1 if sub.meta.get("last_norm", True) else L))
     points = steer.grid(layers, alphas)
     ss.check_layers(sub, points[:, 0], L)
-    items = ev.load_xcopa([l for l in sub.langs if l != "en"], split="test", english=True, limit=args.limit)
-    clean = ev.score_items(items, model.tokenizer, template=ev.XCOPA_TEMPLATE, model=model, methods=("letters",),
+    items = load_xcopa([l for l in sub.langs if l != "en"], split="test", english=True, limit=args.limit)
+    clean = score_items(items, model.tokenizer, template=XCOPA_TEMPLATE, model=model, methods=("letters",),
                            batch_rows=args.batch_rows)
     t0 = time.perf_counter()
-    scores = ss.steer_scores(model, items, ev.XCOPA_TEMPLATE, sub, points, kind=args.kind, positions=args.positions,
+    scores = ss.steer_scores(model, items, XCOPA_TEMPLATE, sub, points, kind=args.kind, positions=args.positions,
                              batch_rows=args.batch_rows)
     result = steer.summarize(items, scores, clean, points)
     # English is scored too: under project/scale its rows change as well.

@@ -24,7 +24,9 @@ def run(args) -> int:
     import numpy as np
 
     import jaxlens
-    from jaxlens.methods import evaluation as ev
+    from jaxlens.data.items import load_jsonl, load_xcopa
+    from jaxlens.data.templates import TEMPLATES
+    from jaxlens.methods.scoring import score_items
     from jaxlens.methods import transplant as xt
     from jaxlens.report.io import output_dir, write_arrays, write_json, write_jsonl
     from jaxlens.report.html import Section, write_report
@@ -32,9 +34,9 @@ def run(args) -> int:
     langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
     check_args(args)
     if args.data == "xcopa":
-        items, template = ev.load_xcopa(langs, english=True, limit=args.limit), ev.TEMPLATES["xcopa"]
+        items, template = load_xcopa(langs, english=True, limit=args.limit), TEMPLATES["xcopa"]
     else:
-        items, template = ev.load_jsonl(args.data, limit=args.limit), ev.TEMPLATES["jsonl"]
+        items, template = load_jsonl(args.data, limit=args.limit), TEMPLATES["jsonl"]
         items = [i for i in items if i.lang in set(langs) | {"en"}]
     try:  # the data may hold fewer items than --limit: check before loading the model
         xt.check_splits({lang: sum(i.lang == lang for i in items) for lang in dict.fromkeys(i.lang for i in items if i.lang != "en")},
@@ -47,7 +49,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     targets, scores, pairs = xt.transplant_scores(model, items, template, method=args.method, batch_rows=args.batch_rows)
     seconds = time.perf_counter() - t0
-    clean = ev.score_items(targets, model.tokenizer, template=template, model=model, methods=(args.method,),
+    clean = score_items(targets, model.tokenizer, template=template, model=model, methods=(args.method,),
                            batch_rows=args.batch_rows)
     key = "letter" if args.method == "letters" else "ll"
     result = xt.analyse(targets, getattr(scores, key), pairs, L, clean=getattr(clean, key), **split_args(args))
@@ -144,7 +146,7 @@ def generate_after(model, items, template, args, given: tuple[int, int] | None) 
     import numpy as np
 
     from jaxlens.methods import transplant as xt
-    from jaxlens.methods.evaluation import LETTERS
+    from jaxlens.data.items import LETTERS
     from jaxlens.methods.generate import generate_text
 
     L = model.config.n_layers

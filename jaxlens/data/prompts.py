@@ -1,5 +1,5 @@
 """Translation prompts of the latent-language analysis (multiple-choice prompts are the
-evaluation harness's `Template`, in jaxlens/methods/evaluation.py).
+`Template`s of jaxlens/data/templates.py).
 
 Translation (Wendler et al., METHODS.md §A): 4 demonstrations then the query, one per line,
     Français: "nuage" - 中文: "云"

@@ -5,8 +5,8 @@ probability of each option label ("A", "B", ...: the token set of the label, wit
 leading space) and of the correct one, per language; and the "shared space" measure, the cosine
 between a language's last-token residual and the English residual of the parallel item.
 
-Items and prompts are the evaluation harness's (`jaxlens.methods.evaluation`: `Item`, `load_xcopa` /
-`xcopa_items`, `load_jsonl`, and a `Template`'s lettered prompt), so the lens reads exactly the
+Items and prompts are the evaluation harness's (`jaxlens.data.items`: `Item`, `load_xcopa` /
+`xcopa_items`, `load_jsonl`; `jaxlens.data.templates`: a `Template`'s lettered prompt), so the lens reads exactly the
 prompts `jaxlens eval` scores. Parallel items share their id; English is "en".
 """
 
@@ -18,7 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from jaxlens.methods.bootstrap import bootstrap_mean
-from jaxlens.methods.evaluation import LETTERS, XCOPA_TEMPLATE, Item, Template
+from jaxlens.data.items import LETTERS, Item
+from jaxlens.data.templates import XCOPA_TEMPLATE, Template
 from jaxlens.methods.readout import read_last_token
 from jaxlens.data.tokensets import token_set, vocab_strings
 

@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.core import interventions as iv
-from jaxlens.methods.evaluation import Item, Scores, Template, evaluate
+from jaxlens.data.items import Item
+from jaxlens.data.templates import Template
+from jaxlens.methods.evaluation import evaluate
+from jaxlens.methods.scoring import Scores
 from jaxlens.methods.states import last_token_states
 from jaxlens.methods.sweep import sweep_scores
 

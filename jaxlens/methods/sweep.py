@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.core.config import ModelConfig
-from jaxlens.methods.evaluation import (
-    Item, Scores, Template, continuation_logprob, letter_logprobs, letter_rows, letter_table, option_rows,
-    set_letter_scores, set_option_scores,
-)
+from jaxlens.data.items import Item
+from jaxlens.data.templates import Template
+from jaxlens.methods.scoring import continuation_logprob, letter_logprobs, letter_rows, letter_table, option_rows, Scores, set_letter_scores, set_option_scores
 from jaxlens.runtime.batching import Batch, make_batches
 from jaxlens.core.forward import forward, forward_cached, unembed
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from jaxlens.core import interventions as iv
 from jaxlens.core.config import ModelConfig
-from jaxlens.methods.evaluation import Item, Template
+from jaxlens.data.items import Item
+from jaxlens.data.templates import Template
 from jaxlens.methods.states import last_token_states
 from jaxlens.methods.sweep import auto_chunk, map_stack, prefix_cache, run_stack, sweep_scores
 
@@ -175,7 +176,7 @@ def generated_correct(items: Sequence[Item], texts: Sequence[str], method: str =
     """[N] bool: whether each generation answers its item. letters: its first non-space character is
     the answer's letter; options: of the options, it begins most like the answer's (longest common
     prefix, ignoring case and surrounding space, and longer than that of every other option)."""
-    from jaxlens.methods.evaluation import LETTERS
+    from jaxlens.data.items import LETTERS
 
     def common(a: str, b: str) -> int:
         n = 0
