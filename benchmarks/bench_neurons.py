@@ -42,7 +42,7 @@ def job_prepare(model, batch, length, budget, path):
     from jaxlens.methods import neurons as N
 
     m = jaxlens.load(model)
-    b = N.make_batches(m, N.default_corpus("test"), seq_len=length, batch_size=batch, budget=budget)
+    b = N.corpus_batches(m, N.default_corpus("test"), seq_len=length, batch_size=batch, budget=budget)
     np.savez(path, tokens=b.tokens, mask=b.mask, weights=b.weights, lang=b.lang, languages=np.array(b.languages))
     return {"batches": len(b), "counted_tokens": int(b.weights.sum()), "languages": list(b.languages)}
 

@@ -8,7 +8,7 @@ Same model (the GGUF, dequantized by each side), the same 8 XCOPA zh items (lett
 English sources / English-minus-zh steering vectors from the same items), float32, CPU.
 
   transplant, every (source i, target j) pair of the model's N layers:
-    sweep        `transplant.sweep`: one program per batch; the clean pass once, each pair re-runs
+    sweep        `transplant.pair_sweep`: one program per batch; the clean pass once, each pair re-runs
                  only the last prompt token on the shared KV cache (vmapped over pair chunks)
     loop_tail    the same per-pair passes on the same shared cache, one jitted call per pair
     loop_full    one full jaxlens forward per pair with the transplant (the usual loop)
@@ -96,11 +96,11 @@ def job_jaxlens(model_name, rows, loop_points):
     out = {"layers": L, "pairs": len(pairs), "rows": rows, "tokens_per_row": int(tokens.shape[1])}
 
     t0 = time.perf_counter()
-    sweep = lambda: jax.block_until_ready(xt.sweep(params, tokens, mask, source, last, pairs, args, config=cfg, tail=1, score=score_letters))  # noqa: E731
+    sweep = lambda: jax.block_until_ready(xt.pair_sweep(params, tokens, mask, source, last, pairs, args, config=cfg, tail=1, score=score_letters))  # noqa: E731
     sweep()
     out["transplant_compile_s"] = time.perf_counter() - t0
     out["transplant_sweep_s"] = _best(sweep, 1)
-    loop_tail = lambda: jax.block_until_ready(xt.sweep_loop(params, tokens, mask, source, last, sub, args, config=cfg, tail=1, score=score_letters))  # noqa: E731
+    loop_tail = lambda: jax.block_until_ready(xt.pair_sweep_loop(params, tokens, mask, source, last, sub, args, config=cfg, tail=1, score=score_letters))  # noqa: E731
     out["transplant_loop_tail_s"] = _best(loop_tail, 1) * len(pairs) / len(sub)
 
     full = jax.jit(lambda s, j: letter_logprobs(

@@ -43,7 +43,7 @@ if len(sys.argv) > 1:  # the whole collection, through the forward pass, on a ch
     sharded = jaxlens.load(directory, tokenizer=ByteTokenizer(), mesh=mesh)
     corpus = {"fr": N.Corpus(tuple(("", f"le chat {i} dort") for i in range(20))),
               "de": N.Corpus(tuple(("frage", f"die katze {i}") for i in range(20)))}
-    batches = N.make_batches(single, corpus, seq_len=16, batch_size=8)
+    batches = N.corpus_batches(single, corpus, seq_len=16, batch_size=8)
     one = N.collect(single, batches, progress=False)
     eight = N.collect(sharded, batches, progress=False)
     for k in ("active", "tokens"):

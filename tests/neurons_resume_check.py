@@ -26,7 +26,7 @@ kill_after = int(sys.argv[4]) if len(sys.argv) > 4 else None
 model = jaxlens.load(directory, tokenizer=ByteTokenizer())
 corpus = {"fr": N.Corpus(tuple(("", f"le chat {i} dort sur le tapis") for i in range(30))),
           "de": N.Corpus(tuple(("frage", f"die katze {i}") for i in range(30)))}
-batches = N.make_batches(model, corpus, seq_len=16, batch_size=4)
+batches = N.corpus_batches(model, corpus, seq_len=16, batch_size=4)
 
 
 def die(i):

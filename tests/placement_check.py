@@ -80,7 +80,7 @@ check("transplant scores", lambda: xt.transplant_scores(model, items, template, 
 check("transplant generate", lambda: xt.transplant_generations(model, items, template, pairs=[[0, 1]], max_new_tokens=2,
                                                                 progress=False))
 corpus = {"en": N.Corpus((("", "the cat sat on the mat"),) * 6), "xx": N.Corpus((("", "a man poured water"),) * 6)}
-batches = N.make_batches(model, corpus, seq_len=16, batch_size=8)
+batches = N.corpus_batches(model, corpus, seq_len=16, batch_size=8)
 check("neuron stats", lambda: N.collect(model, batches, progress=False))
 check("perplexity", lambda: N.perplexity(model, batches))
 blocks = tuned_lens.pack(model, texts * 8, batch=8, length=8)

@@ -44,7 +44,7 @@ def tiny(tiny_checkpoint):
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
 def test_collected_counts_equal_counts_from_captured_activations(tiny, model_type):
     model, _ = tiny(model_type)
-    batches = N.make_batches(model, CORPUS, seq_len=16, batch_size=4)
+    batches = N.corpus_batches(model, CORPUS, seq_len=16, batch_size=4)
     state = N.collect(model, batches, with_max=True, progress=False)
     R = batches.tokens.shape[0] * batches.tokens.shape[1]
     tokens, mask = batches.tokens.reshape(R, -1), batches.mask.reshape(R, -1)
@@ -117,16 +117,16 @@ def test_killed_run_resumes_bit_identical(tiny, tmp_path):
 
 def test_resume_refuses_a_different_run(tiny, tmp_path):
     model, _ = tiny("llama")
-    batches = N.make_batches(model, CORPUS, seq_len=16, batch_size=4)
+    batches = N.corpus_batches(model, CORPUS, seq_len=16, batch_size=4)
     N.collect(model, batches, checkpoint_dir=tmp_path, save_every=100, progress=False)
-    other = N.make_batches(model, CORPUS, seq_len=16, batch_size=4, budget=20)
+    other = N.corpus_batches(model, CORPUS, seq_len=16, batch_size=4, budget=20)
     with pytest.raises(ValueError, match="different run"):
         N.collect(model, other, checkpoint_dir=tmp_path, progress=False)
 
 
 def test_deactivating_neurons_changes_perplexity_only_when_they_fire(tiny):
     model, _ = tiny("llama")
-    batches = N.make_batches(model, CORPUS, seq_len=16, batch_size=4)
+    batches = N.corpus_batches(model, CORPUS, seq_len=16, batch_size=4)
     cfg = model.config
     base = N.perplexity(model, batches)
     assert set(base) == set(CORPUS) and all(1 < v < 1e4 for v in base.values())
@@ -154,7 +154,7 @@ def test_perplexity_matrix_is_each_ablation_run_alone(tiny):
 
     model, _ = tiny("llama")
     cfg = model.config
-    batches = N.make_batches(model, CORPUS, seq_len=16, batch_size=4)
+    batches = N.corpus_batches(model, CORPUS, seq_len=16, batch_size=4)
     masks = np.random.default_rng(3).random((3, cfg.n_layers, cfg.d_ff)) < np.array([0.0, 0.3, 0.9])[:, None, None]
     got = N.perplexity_matrix(model, batches, masks, chunk=2)
     R = batches.tokens.shape[0] * batches.tokens.shape[1]

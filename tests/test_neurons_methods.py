@@ -278,13 +278,13 @@ class ByteTokenizer:
 
 def test_pack_keeps_documents_whole_and_stops_at_budget():
     docs = [("", "abc"), ("xy", "defg"), ("", "h" * 12)]
-    tokens, mask, weights, counted = N.pack(ByteTokenizer(), docs, seq_len=8, bos_id=1)
+    tokens, mask, weights, counted = N.pack_documents(ByteTokenizer(), docs, seq_len=8, bos_id=1)
     # row 0: [bos a b c] then doc 2 (7 tokens) does not fit -> row 1; doc 3 (13) is cut over rows.
     assert mask.sum(axis=1).tolist() == [4, 7, 8, 5]
     assert weights[0].tolist() == [0, 1, 1, 1, 0, 0, 0, 0]
     assert weights[1].tolist() == [0, 0, 0, 1, 1, 1, 1, 0]  # bos + prompt not counted
     assert counted == 3 + 4 + 12 == weights.sum()
-    _, _, w, counted = N.pack(ByteTokenizer(), docs, seq_len=8, budget=5, bos_id=1)
+    _, _, w, counted = N.pack_documents(ByteTokenizer(), docs, seq_len=8, budget=5, bos_id=1)
     assert counted == 5 == w.sum()
 
 

@@ -56,13 +56,13 @@ def test_every_pair_equals_a_full_pass(setup, tail):
     T = target.shape[1]
     prompt_last = np.full(3, T - tail)  # the scored positions follow the last prompt token
     pairs = xt.all_pairs(L)
-    got = np.asarray(xt.sweep(params, target, tmask, source, prompt_last, pairs, config=config, tail=tail,
+    got = np.asarray(xt.pair_sweep(params, target, tmask, source, prompt_last, pairs, config=config, tail=tail,
                               score=option_logits, chunk=4))  # 9 pairs: chunks padded
     at = iv.at_positions(prompt_last, T)
     for p, (i, j) in enumerate(pairs):
         full, _ = forward(params, target, tmask, config=config, interventions=iv.transplant("mlp_out", source[:, i], j, at))
         np.testing.assert_allclose(got[p], np.asarray(full[:, T - tail:]), atol=3e-5)
-    loop = np.asarray(xt.sweep_loop(params, target, tmask, source, prompt_last, pairs[:3], config=config, tail=tail, score=option_logits))
+    loop = np.asarray(xt.pair_sweep_loop(params, target, tmask, source, prompt_last, pairs[:3], config=config, tail=tail, score=option_logits))
     np.testing.assert_allclose(loop, got[:3], atol=3e-5)
 
 def test_a_pass_transplanted_into_itself_at_the_same_layer_changes_nothing(setup):
@@ -70,7 +70,7 @@ def test_a_pass_transplanted_into_itself_at_the_same_layer_changes_nothing(setup
     own = last_states(params, target, tmask, config=config, site="mlp_out")
     clean, _ = forward(params, target, tmask, config=config)
     diagonal = np.stack([np.arange(L), np.arange(L)], -1).astype(np.int32)
-    got = np.asarray(xt.sweep(params, target, tmask, own, np.full(3, target.shape[1] - 1), diagonal, config=config,
+    got = np.asarray(xt.pair_sweep(params, target, tmask, own, np.full(3, target.shape[1] - 1), diagonal, config=config,
                               tail=1, score=last_logits))
     for layer in range(L):
         np.testing.assert_allclose(got[layer], np.asarray(clean[:, -1]), atol=3e-5)

@@ -102,7 +102,7 @@ def run_stats(args) -> int:
         raise FileExistsError(f"{out} already exists; choose a new output directory or pass --overwrite")
     corpus = _corpus(args, "test")
     model = _load_model(args)
-    batches = N.make_batches(model, corpus, seq_len=args.seq_len, batch_size=args.batch, budget=args.budget)
+    batches = N.corpus_batches(model, corpus, seq_len=args.seq_len, batch_size=args.batch, budget=args.budget)
     meta = {"model": args.model, "languages": list(batches.languages), "seq_len": args.seq_len, "batch": args.batch,
             "budget": args.budget, "corpus": N.corpus_meta(corpus), "counted_tokens": batches.counted,
             "batches": len(batches), "site": "mlp_act", "counting": "tokens with weight 1 (BOS and prompts excluded)"}
@@ -254,7 +254,7 @@ def run_deactivate(args) -> int:
     model = _load_model(args)
     if masks.shape[1:] != (model.config.n_layers, model.config.d_ff):
         raise ValueError(f"neuron sets are for [L, F] = {masks.shape[1:]}, the model has {(model.config.n_layers, model.config.d_ff)}")
-    batches = N.make_batches(model, corpus, seq_len=args.seq_len, batch_size=args.batch, budget=args.budget)
+    batches = N.corpus_batches(model, corpus, seq_len=args.seq_len, batch_size=args.batch, budget=args.budget)
     evals = list(batches.languages)
     t0 = time.perf_counter()
     # The baseline and every language's deactivation: one stacked program per batch.

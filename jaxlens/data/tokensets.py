@@ -128,7 +128,7 @@ def token_set(word: str, vocab: VocabStrings, byte_token: bool | None = None) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class Item:
+class Concept:
     """One concept: its word per language and the token set of each word."""
 
     words: Mapping[str, str]  # lang -> word
@@ -143,7 +143,7 @@ def filter_items(
     ambiguous: str = "drop",
     source: str | None = None,
     source_overlap: str = "remove",
-) -> tuple[list[Item], list[dict]]:
+) -> tuple[list[Concept], list[dict]]:
     """Token sets for each concept's words, and METHODS.md §A's item filter.
 
     words: one dict lang -> word per concept (it must hold both `compare` languages).
@@ -193,7 +193,7 @@ def filter_items(
         if reason:
             dropped.append({"words": dict(row), "reason": reason})
         else:
-            kept.append(Item(dict(row), sets, frozenset(shared)))
+            kept.append(Concept(dict(row), sets, frozenset(shared)))
     return kept, dropped
 
 

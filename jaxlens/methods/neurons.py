@@ -1,7 +1,7 @@
 """Language neurons (METHODS.md §3): corpora -> streaming statistics -> LAPE / finer classes -> deactivation.
 
     corpus = default_corpus()                       # {lang: Corpus}: XCOPA premises + choices
-    batches = make_batches(model, corpus, seq_len=128, batch_size=8, budget=20_000)
+    batches = corpus_batches(model, corpus, seq_len=128, batch_size=8, budget=20_000)
     state = collect(model, batches, checkpoint_dir="out/ckpt")   # [L, K, F] counts, resumable
     probs = activation_probs(state)                 # [L, K, F] P(act > 0) per language
     sel = lape(probs)                               # sel.mask [K, L, F]: each language's neurons
@@ -135,7 +135,7 @@ class Batches:
         return (self.lang[i][:, None] == np.arange(len(self.languages))[None]).astype(np.float32)
 
 
-def pack(tokenizer, docs, seq_len: int, budget: int | None = None, bos_id: int | None = None):
+def pack_documents(tokenizer, docs, seq_len: int, budget: int | None = None, bos_id: int | None = None):
     """Documents -> rows (tokens, mask, weights) [R, T], greedily packed without splitting a
     document that fits in a row (longer ones are cut into rows). Each document starts with BOS
     (weight 0, like prompt tokens); the counted (weight 1) tokens stop at `budget`."""
@@ -171,7 +171,7 @@ def pack(tokenizer, docs, seq_len: int, budget: int | None = None, bos_id: int |
     return tokens, mask, weights, counted
 
 
-def make_batches(model, corpus: dict[str, Corpus], seq_len: int = 128, batch_size: int = 8, budget: int | None = None) -> Batches:
+def corpus_batches(model, corpus: dict[str, Corpus], seq_len: int = 128, batch_size: int = 8, budget: int | None = None) -> Batches:
     """Pack each language, then deal rows round-robin over languages into [B, T] batches (the
     last batch is filled with empty rows: same shape, no recompilation, nothing counted)."""
     if model.tokenizer is None:
@@ -183,7 +183,7 @@ def make_batches(model, corpus: dict[str, Corpus], seq_len: int = 128, batch_siz
         raise ValueError("empty corpus: name at least one language")
     packed, counted = [], {}
     for k, lang in enumerate(languages):
-        t, m, w, n = pack(model.tokenizer, corpus[lang].docs, seq_len, budget, model.config.bos_token_id)
+        t, m, w, n = pack_documents(model.tokenizer, corpus[lang].docs, seq_len, budget, model.config.bos_token_id)
         if n == 0:
             raise ValueError(f"corpus for {lang!r} gives no tokens")
         packed.append((t, m, w, np.full(len(t), k, np.int32)))

@@ -48,7 +48,7 @@ def landing(prompt_last, T: int, tail: int):
     return jnp.arange(T - tail, T)[None, :] == jnp.asarray(prompt_last)[:, None]
 
 
-def sweep(params, tokens, mask, source, prompt_last, pairs, score_args=None, *, config: ModelConfig, tail: int,
+def pair_sweep(params, tokens, mask, source, prompt_last, pairs, score_args=None, *, config: ModelConfig, tail: int,
           score: Callable, chunk: int | None = None, site: str = SITE):
     """Scores of target rows under every transplant pair, as one program (`sweep.run_stack` with
     the KV-cache tail: only the last `tail` positions are re-run per pair).
@@ -61,9 +61,9 @@ def sweep(params, tokens, mask, source, prompt_last, pairs, score_args=None, *, 
                      chunk=chunk)
 
 
-def sweep_loop(params, tokens, mask, source, prompt_last, pairs, score_args=None, *, config: ModelConfig, tail: int,
+def pair_sweep_loop(params, tokens, mask, source, prompt_last, pairs, score_args=None, *, config: ModelConfig, tail: int,
                score: Callable, site: str = SITE):
-    """`sweep` one pair at a time from Python, on the same shared prefix cache: the same passes,
+    """`pair_sweep` one pair at a time from Python, on the same shared prefix cache: the same passes,
     looped (the baseline that isolates what running them as one program gains)."""
     at = landing(prompt_last, tokens.shape[1], tail)
     cache = prefix_cache(params, tokens, mask, config=config, tail=tail)
