@@ -68,9 +68,9 @@ def setup(model_name: str, rows: int):
     batch = make_batches(letter_rows(zh, model.tokenizer, template), rows, model.config.pad_token_id or 0)[0]
     en_texts = [template.lettered_text(en[zh[i].id]) for i in batch.item]
     zh_texts = [template.lettered_text(zh[i]) for i in batch.item]
-    source = last_token_states(model, en_texts, site="mlp_out", batch_rows=rows)  # [R, L, D]
-    vector = (last_token_states(model, en_texts, batch_rows=rows).mean(0)
-              - last_token_states(model, zh_texts, batch_rows=rows).mean(0))  # [L, D]
+    source = np.swapaxes(last_token_states(model, en_texts, site="mlp_out", batch_rows=rows), 0, 1)  # [R, L, D]
+    vector = (last_token_states(model, en_texts, batch_rows=rows).mean(1)
+              - last_token_states(model, zh_texts, batch_rows=rows).mean(1))  # [L, D]
     table = letter_table(model.tokenizer, template, 2)
     return model, batch, source, vector, (table, np.full(rows, 2)), en_texts, zh_texts
 

@@ -26,7 +26,7 @@ def test_language_vectors_are_the_mean_difference(tiny):
     en = last_token_states(model, [template.context_text(i) for i in ITEMS[:2]])
     xx = last_token_states(model, [template.context_text(i) for i in ITEMS[2:]])
     assert set(v) == {"xx"}
-    np.testing.assert_allclose(v["xx"], en.mean(0) - xx.mean(0), atol=1e-5)
+    np.testing.assert_allclose(v["xx"], en.mean(1) - xx.mean(1), atol=1e-5)
     with pytest.raises(ValueError, match="no 'en' items"):
         steer.language_vectors(model, ITEMS[2:], template)
 

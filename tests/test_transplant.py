@@ -32,7 +32,7 @@ def setup():
     src = rng.integers(0, 64, (3, 8)).astype(np.int32)
     smask = np.ones_like(src)
     smask[2, :2] = 0
-    source = last_states(params, src, smask, config=config, site="mlp_out")
+    source = np.swapaxes(np.asarray(last_states(params, src, smask, config=config, site="mlp_out")), 0, 1)  # [B, L, D]
     return config, params, target, tmask, source
 
 def last_logits(logits, _):
@@ -48,7 +48,7 @@ def test_source_states_are_the_last_token_mlp_out(setup):
     smask[2, :2] = 0
     _, sites = forward(params, src, smask, config=config, capture=("mlp_out",))
     np.testing.assert_array_equal(np.asarray(last_states(params, src, smask, config=config, site="mlp_out")),
-                                  np.swapaxes(np.asarray(sites["mlp_out"][:, :, -1]), 0, 1))
+                                  np.asarray(sites["mlp_out"][:, :, -1]))
 
 @pytest.mark.parametrize("tail", [1, 3])
 def test_every_pair_equals_a_full_pass(setup, tail):
@@ -67,7 +67,7 @@ def test_every_pair_equals_a_full_pass(setup, tail):
 
 def test_a_pass_transplanted_into_itself_at_the_same_layer_changes_nothing(setup):
     config, params, target, tmask, _ = setup
-    own = last_states(params, target, tmask, config=config, site="mlp_out")
+    own = np.swapaxes(np.asarray(last_states(params, target, tmask, config=config, site="mlp_out")), 0, 1)
     clean, _ = forward(params, target, tmask, config=config)
     diagonal = np.stack([np.arange(L), np.arange(L)], -1).astype(np.int32)
     got = np.asarray(xt.pair_sweep(params, target, tmask, own, np.full(3, target.shape[1] - 1), diagonal, config=config,
@@ -93,10 +93,10 @@ def test_item_scores_equal_the_harness_with_a_full_pass_transplant(tiny):
     targets, scores, _ = xt.transplant_scores(model, PARALLEL, template, pairs, method="letters", progress=False)
     assert [t.lang for t in targets] == ["xx", "xx"] and scores.letter.shape == (3, 2, 2)
     english = [i for i in PARALLEL if i.lang == "en"]
-    source = last_token_states(model, [template.lettered_text(i) for i in english], site="mlp_out")  # [2, L, D], ids in order
+    source = last_token_states(model, [template.lettered_text(i) for i in english], site="mlp_out")  # [L, 2, D], ids in order
     for p, (i, j) in enumerate(pairs):
         def forward_fn(tokens, mask, batch, i=i, j=j):
-            src = jnp.asarray(source[np.maximum(batch.item, 0), i])
+            src = jnp.asarray(source[i, np.maximum(batch.item, 0)])
             graft = iv.transplant("mlp_out", src, j, iv.at_positions(batch.prompt_last, tokens.shape[1]))
             return forward(model.params, tokens, mask, config=model.config, interventions=graft)[0]
         direct = score_items(targets, model.tokenizer, forward_fn, template, model=model, methods=("letters",), progress=False)
@@ -168,7 +168,7 @@ def test_generation_after_a_transplant_equals_full_passes(tiny):
     english = {e.id: e for e in PARALLEL if e.lang == "en"}
     for (i, j), row in zip(pairs, texts):
         for target, text in zip(targets, row):
-            source = last_token_states(model, [template.lettered_text(english[target.id])], site="mlp_out")[:, i]  # [1, D]
+            source = last_token_states(model, [template.lettered_text(english[target.id])], site="mlp_out")[i]  # [1, D]
             ids = tokenizer.encode(template.lettered_text(target))
             last, new = len(ids) - 1, []
             for _ in range(n_new):

@@ -16,15 +16,15 @@ from jaxlens.core.reducers import Take
 
 
 def last_states(params, tokens, mask, *, config: ModelConfig, site: str = "resid_post") -> jnp.ndarray:
-    """The site's value at each row's last real token, every layer: [B, L, D] (left or right padding)."""
+    """The site's value at each row's last real token, every layer: [L, B, D] (left or right padding)."""
     take = Take(site, iv.last_index(mask)[:, None])
     _, sites = forward(params, tokens, mask, config=config, reducers={"last": take})
-    return jnp.swapaxes(sites["last"][:, :, 0], 0, 1)  # [L, B, 1, D] -> [B, L, D]
+    return sites["last"][:, :, 0]  # [L, B, 1, D] -> [L, B, D]
 
 
 def last_token_states(model, texts: Sequence[str], *, site: str = "resid_post", batch_rows: int = 8,
                       progress: bool = False) -> np.ndarray:
-    """[N, L, D] for texts (encoded with the tokenizer's special tokens), in fixed-size batches
+    """[L, N, D] for texts (encoded with the tokenizer's special tokens), in fixed-size batches
     (`runtime.batching.text_batches`: bucketed lengths, so few programs compile) over the mesh."""
     from jaxlens.runtime.batching import text_batches
     from jaxlens.runtime.loop import stream
@@ -32,6 +32,6 @@ def last_token_states(model, texts: Sequence[str], *, site: str = "resid_post", 
 
     batches = text_batches(model, texts, rows_for(model.mesh, batch_rows))
     step = lambda b, tokens, mask: last_states(model.params, tokens, mask, config=model.config, site=site)  # noqa: E731
-    out = [states[: b.n_real] for b, states in stream(batches, step, mesh=model.mesh, inputs=lambda b: (b.tokens, b.mask),
-                                                       desc="states", progress=progress)]
-    return np.concatenate(out)
+    out = [states[:, : b.n_real] for b, states in stream(batches, step, mesh=model.mesh, inputs=lambda b: (b.tokens, b.mask),
+                                                          desc="states", progress=progress)]
+    return np.concatenate(out, axis=1)

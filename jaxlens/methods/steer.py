@@ -38,17 +38,17 @@ def language_vectors(model, items: Sequence[Item], template: Template, *, englis
     if english not in by_lang:
         raise ValueError(f"no {english!r} items: steering vectors need the parallel English prompts")
     ids = sorted(by_lang[english])
-    states = last_token_states(model, [text(by_lang[english][i]) for i in ids], site=site, batch_rows=batch_rows)
-    english_mean = dict(zip(ids, states))
+    states = last_token_states(model, [text(by_lang[english][i]) for i in ids], site=site, batch_rows=batch_rows)  # [L, N, D]
+    column = {i: k for k, i in enumerate(ids)}
     vectors = {}
     for lang, group in by_lang.items():
         if lang == english:
             continue
-        shared = [i for i in sorted(group) if i in english_mean]
+        shared = [i for i in sorted(group) if i in column]
         if not shared:
             raise ValueError(f"no {lang!r} item has a parallel {english!r} item (same id)")
         own = last_token_states(model, [text(group[i]) for i in shared], site=site, batch_rows=batch_rows)
-        vectors[lang] = np.mean([english_mean[i] for i in shared], axis=0) - own.mean(0)
+        vectors[lang] = states[:, [column[i] for i in shared]].mean(1) - own.mean(1)
     return vectors
 
 

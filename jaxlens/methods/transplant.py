@@ -108,7 +108,8 @@ def source_table(model, items: Sequence[Item], text: Callable[[Item], str], *, s
     if not targets:
         raise ValueError(f"no target items: every item is in the source language {source_lang!r}")
     order = sorted(sources)
-    table = last_token_states(model, [text(sources[i]) for i in order], site=site, batch_rows=batch_rows)  # [S, L, D]
+    states = last_token_states(model, [text(sources[i]) for i in order], site=site, batch_rows=batch_rows)  # [L, S, D]
+    table = np.swapaxes(states, 0, 1)  # [S, L, D]: rows first, since each batch gathers its rows' sources
     return targets, table, np.array([order.index(t.id) for t in targets])
 
 
