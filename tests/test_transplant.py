@@ -90,7 +90,8 @@ def test_item_scores_equal_the_harness_with_a_full_pass_transplant(tiny):
     template = XCOPA_TEMPLATE
     L = model.config.n_layers
     pairs = np.array([[0, 2], [2, 0], [1, 1]], np.int32)
-    targets, scores, _ = xt.transplant_scores(model, PARALLEL, template, pairs, method="letters", progress=False)
+    run = xt.transplant_scores(model, PARALLEL, template, pairs, method="letters", progress=False)
+    targets, scores = run.targets, run.scores
     assert [t.lang for t in targets] == ["xx", "xx"] and scores.letter.shape == (3, 2, 2)
     english = [i for i in PARALLEL if i.lang == "en"]
     source = last_token_states(model, [template.lettered_text(i) for i in english], site="mlp_out")  # [L, 2, D], ids in order
@@ -162,8 +163,8 @@ def test_generation_after_a_transplant_equals_full_passes(tiny):
     model = dataclasses.replace(model, params=jax.tree.map(lambda p: 3 * p, model.params))
     template, n_new = XCOPA_TEMPLATE, 4
     pairs = np.array([[2, 0], [0, 1], [1, 1]], np.int32)
-    targets, got_pairs, texts = xt.transplant_generations(model, PARALLEL, template, pairs, max_new_tokens=n_new,
-                                                          batch_rows=4, progress=False)
+    run = xt.transplant_generations(model, PARALLEL, template, pairs, max_new_tokens=n_new, batch_rows=4, progress=False)
+    targets, got_pairs, texts = run.targets, run.pairs, run.texts
     assert got_pairs.tolist() == pairs.tolist() and len(texts) == 3 and all(len(t) == len(targets) for t in texts)
     english = {e.id: e for e in PARALLEL if e.lang == "en"}
     for (i, j), row in zip(pairs, texts):

@@ -47,7 +47,8 @@ def run(args) -> int:
     L = model.config.n_layers
     given = parse_pair(args.pair, L)
     t0 = time.perf_counter()
-    targets, scores, pairs = xt.transplant_scores(model, items, template, method=args.method, batch_rows=args.batch_rows)
+    run = xt.transplant_scores(model, items, template, method=args.method, batch_rows=args.batch_rows)
+    targets, scores, pairs = run.targets, run.scores, run.pairs
     seconds = time.perf_counter() - t0
     clean = score_items(targets, model.tokenizer, template=template, model=model, methods=(args.method,),
                            batch_rows=args.batch_rows)
@@ -151,9 +152,9 @@ def generate_after(model, items, template, args, given: tuple[int, int] | None) 
 
     L = model.config.n_layers
     t0 = time.perf_counter()
-    targets, pairs, texts = xt.transplant_generations(model, items, template, None if given is None else [given],
-                                                      method=args.method, max_new_tokens=args.generate,
-                                                      batch_rows=args.batch_rows)
+    run = xt.transplant_generations(model, items, template, None if given is None else [given], method=args.method,
+                                    max_new_tokens=args.generate, batch_rows=args.batch_rows)
+    targets, pairs, texts = run.targets, run.pairs, run.texts
     text = xt.prompt_text(template, args.method)
     clean = generate_text(model, [text(t) for t in targets], max_new_tokens=args.generate, batch_rows=args.batch_rows)
     seconds = time.perf_counter() - t0

@@ -12,6 +12,7 @@ that cache, as a `jax.vmap` over pairs, `lax.map`ped over chunks of pairs to bou
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Callable, Sequence
 
@@ -23,6 +24,7 @@ from jaxlens.core import interventions as iv
 from jaxlens.core.config import ModelConfig
 from jaxlens.data.items import Item
 from jaxlens.data.templates import Template
+from jaxlens.methods.scoring import Scores
 from jaxlens.methods.states import last_token_states
 from jaxlens.methods.sweep import auto_chunk, map_stack, prefix_cache, run_stack, sweep_scores
 
@@ -95,6 +97,18 @@ def generate_sweep(params, tokens, mask, source, pairs, eos, *, config: ModelCon
 # ---- items: sources from the parallel English prompts, scores per pair, the paper's analyses ----
 
 
+@dataclasses.dataclass
+class Transplants:
+    """A transplant sweep over items: the target items (lang != source), the pairs [P, 2] (source
+    layer i, target layer j), and per pair the scores (`transplant_scores`: Scores [P, N, O]) or
+    the greedy continuations (`transplant_generations`: texts[p][n])."""
+
+    targets: list[Item]
+    pairs: np.ndarray
+    scores: Scores | None = None
+    texts: list[list[str]] | None = None
+
+
 def source_table(model, items: Sequence[Item], text: Callable[[Item], str], *, source_lang: str = "en",
                  batch_rows: int = 8, site: str = SITE):
     """(targets, table [S, L, D], row_of [N]): the items not in `source_lang`, and the site's value at
@@ -120,7 +134,7 @@ def prompt_text(template: Template, method: str) -> Callable[[Item], str]:
 def transplant_scores(model, items: Sequence[Item], template: Template, pairs=None, *, source_lang: str = "en",
                       method: str = "letters", batch_rows: int = 8, chunk: int | None = None, progress: bool = True,
                       site: str = SITE):
-    """(targets, Scores [P, N, O], pairs): every target item (lang != source_lang) scored under each
+    """Transplants with scores [P, N, O]: every target item (lang != source_lang) scored under each
     pair, the source being its parallel source-language item (same id) at its last prompt token."""
     targets, table, row_of = source_table(model, items, prompt_text(template, method), source_lang=source_lang,
                                           batch_rows=batch_rows, site=site)
@@ -132,13 +146,13 @@ def transplant_scores(model, items: Sequence[Item], template: Template, pairs=No
 
     scores = sweep_scores(model, targets, template, build, methods=(method,), tail_only=True, batch_rows=batch_rows,
                           chunk=chunk, progress=progress)
-    return targets, scores, pairs
+    return Transplants(targets, pairs, scores=scores)
 
 
 def transplant_generations(model, items: Sequence[Item], template: Template, pairs=None, *, source_lang: str = "en",
                            method: str = "letters", max_new_tokens: int = 8, batch_rows: int = 8,
                            chunk: int | None = None, progress: bool = True, site: str = SITE):
-    """(targets, pairs, texts): texts[p][n] is the greedy continuation of target n's prompt with the
+    """Transplants with texts: texts[p][n] is the greedy continuation of target n's prompt with the
     parallel source item's MLP output of layer i (at its last prompt token) in place of layer j's at
     the target's last prompt token, in the prefill only (METHODS.md §4); every pair (default: all
     N x N) in one program per batch (`generate_sweep`)."""
@@ -170,7 +184,7 @@ def transplant_generations(model, items: Sequence[Item], template: Template, pai
         for p in range(len(pairs)):
             for k, r in enumerate(b.index[: b.n_real]):
                 texts[p][r] = model.tokenizer.decode(new[p, k, : lengths[p, k]], skip_special_tokens=True)
-    return targets, pairs, texts
+    return Transplants(targets, pairs, texts=texts)
 
 
 def generated_correct(items: Sequence[Item], texts: Sequence[str], method: str = "letters") -> np.ndarray:
