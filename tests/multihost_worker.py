@@ -33,7 +33,7 @@ if len(sys.argv) > 5:
 assert cli.main(["lens", "--model", directory, "--prompts", prompts, "--out", f"{workdir}/lens", *distributed]) == 0
 
 
-def probes(mesh) -> dict:
+def probes(name: str, mesh) -> dict:
     model = jaxlens.load(directory, mesh=mesh)
     results = {}
 
@@ -59,8 +59,23 @@ def probes(mesh) -> dict:
     # Neuron statistics (accumulate: device state across batches), exact counts.
     corpus = {"fr": N.Corpus(tuple(("", f"le chat {i} dort sur le tapis") for i in range(24))),
               "de": N.Corpus(tuple(("frage", f"die katze {i} schläft") for i in range(24)))}
-    stats = N.collect(model, N.make_batches(model, corpus, seq_len=16, batch_size=8), progress=False)
-    results |= {f"neurons/{k}": v for k, v in stats.items()}
+    batches = N.make_batches(model, corpus, seq_len=16, batch_size=8)
+    results |= {f"neurons/{k}": v for k, v in N.collect(model, batches, progress=False).items()}
+    # ... and killed after batch 2 with orbax checkpoints every batch (written by every process into one
+    # shared directory), then run again: it resumes and ends with the same counts.
+    checkpoint = f"{workdir}/../ckpt-{jax.process_count()}-{name}"
+
+    def die(i):
+        if i == 2:
+            raise KeyboardInterrupt
+
+    try:
+        N.collect(model, batches, checkpoint_dir=checkpoint, save_every=1, on_batch=die, progress=False)
+        raise AssertionError("the run was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    resumed = N.collect(model, batches, checkpoint_dir=checkpoint, save_every=1, progress=False)
+    results |= {f"neurons_resumed/{k}": v for k, v in resumed.items()}
 
     # An intervention sweep: steering at every (layer, alpha) grid point, one stacked program per batch.
     items = parallel_items() * 3
@@ -74,6 +89,6 @@ def probes(mesh) -> dict:
 
 for name in meshes.split(";"):
     mesh = jaxlens.make_mesh(1, 1, devices=jax.devices()[:1]) if name == "one" else jaxlens.make_mesh(**parse_mesh(name))
-    write_arrays(f"{workdir}/{name}.npz", **probes(mesh))
+    write_arrays(f"{workdir}/{name}.npz", **probes(name, mesh))
 print(f"process {jax.process_index()} of {jax.process_count()}: {len(jax.devices())} devices, meshes {meshes}: done",
       flush=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from jaxlens.runtime.distributed import is_primary
-from jaxlens.runtime.placement import put, to_host, wait
+from jaxlens.runtime.placement import put, put_replicated, to_host, wait
 
 
 def _tokens(batch) -> int:
@@ -111,6 +111,9 @@ def accumulate(batches: Sequence, step: Callable, state, *, mesh, inputs: Callab
     from tqdm.auto import tqdm
 
     start = 0
+    # On the mesh from the start: a restored checkpoint takes the template's placement, and an
+    # uncommitted template would come back committed to one device, beside params on many.
+    state = put_replicated(mesh, state)
     if checkpoint is not None:
         state, start = checkpoint.restore(state)
         if start and is_primary():
