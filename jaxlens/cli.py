@@ -39,6 +39,8 @@ def main(argv=None) -> int:
             from jaxlens.commands import options
 
             options.start(args)
+            with options.primary_output():
+                return args.run(args)
         return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"jaxlens {args.command}: error: {e}", file=sys.stderr)

@@ -13,6 +13,8 @@ docs/distributed.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import time
 
@@ -96,6 +98,19 @@ def start(args) -> None:
 
         distributed.initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.init_timeout)
     mesh_devices(args)
+
+
+@contextlib.contextmanager
+def primary_output():
+    """Process 0 prints the command's report; the others' stdout goes nowhere (they write nothing, so
+    their "wrote DIR" would mislead). Their stderr (warnings, errors) still shows."""
+    import jax
+
+    if jax.process_index() == 0:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 def mesh_devices(args):
