@@ -9,7 +9,10 @@ unless `allow_pickle=True`: unpickling runs code from the file.
 
 Memory: each checkpoint tensor is read (memory-mapped), transformed, cast and `device_put` onto
 its NamedSharding, then dropped; per-layer tensors are written into their stacked [L, ...] device
-array in place (a donated dynamic_update_slice), so host memory stays near one tensor.
+array in place (a donated dynamic_update_slice), so host memory stays near one tensor. With several
+processes (jaxlens.distributed) each reads only the slices its own devices hold: the transforms
+are views of the memory-mapped file where they can be, and `make_array_from_callback` asks each
+process for its devices' slices alone.
 """
 
 from __future__ import annotations
@@ -138,12 +141,20 @@ def load_params(source, family: Family, config: ModelConfig, dtype="float32", me
             array = _zeros(tuple(target.shape), dtype, sharding)()
             for i in range(config.n_layers):
                 host = _assemble(source, group, config, i, target.shape[1:], dtype)
-                array = _set_layer_fn(sharding)(array, jax.device_put(host, layer_sharding), i)
+                array = _set_layer_fn(sharding)(array, _place(host, layer_sharding, dtype), i)
         else:
-            array = jax.device_put(_assemble(source, group, config, None, target.shape, dtype), sharding)
+            array = _place(_assemble(source, group, config, None, target.shape, dtype), sharding, dtype)
         _set_path(params, path, array)
     _check_complete(params, shapes)
     return params
+
+
+def _place(host: np.ndarray, sharding, dtype) -> jax.Array:
+    """`host` (often a lazy view of the memory-mapped file) cast to `dtype` on `sharding`. With
+    several processes each one touches only the slices of its own devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(np.asarray(host, dtype), sharding)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: np.ascontiguousarray(host[index], dtype))
 
 
 class _Prefixed:
@@ -164,20 +175,21 @@ class _Prefixed:
 
 
 def _assemble(source, group, config, i, shape, dtype) -> np.ndarray:
-    """One param (one layer of it) from its rule, or from the rules filling its fused slots."""
+    """One param (one layer of it) from its rule (uncast, a view where the transform allows), or
+    from the rules filling its fused slots (a new `dtype` array)."""
     if len(group) == 1 and group[0].slot is None:
-        return _read(source, group[0], config, i, shape, dtype)
+        return _read(source, group[0], config, i, shape)
     host = np.empty(shape, dtype)
     for rule in group:
         axis, index = rule.slot
         where = [slice(None)] * len(shape)
         where[axis] = index
-        host[tuple(where)] = _read(source, rule, config, i, shape[:axis] + shape[axis + 1 :], dtype)
+        host[tuple(where)] = _read(source, rule, config, i, shape[:axis] + shape[axis + 1 :])
     assert len(group) == shape[group[0].slot[0]], f"fused param {group[0].path} has unfilled slots"
     return host
 
 
-def _read(source, rule, config, i, shape, dtype) -> np.ndarray:
+def _read(source, rule, config, i, shape) -> np.ndarray:
     name = rule.hf.format(i=i)
     try:
         host = rule.transform(np.asarray(source.get(name)), config)
@@ -188,7 +200,7 @@ def _read(source, rule, config, i, shape, dtype) -> np.ndarray:
             f"tensor {name!r} has shape {tuple(source.shape(name))}, which does not fit the config "
             f"(expected {tuple(shape)} after conversion); is the config.json from the same model?"
         )
-    return host.astype(dtype)
+    return host  # cast where it is placed, slice by slice
 
 
 def _get_path(tree, path):
