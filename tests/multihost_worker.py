@@ -1,11 +1,12 @@
 """One process of tests/test_multihost.py: `jaxlens lens`, then the probes, on a checkpoint.
 
-    python multihost_worker.py CHECKPOINT PROMPTS WORKDIR MESHES [COORDINATOR NUM_PROCESSES PROCESS_ID]
+    python multihost_worker.py CHECKPOINT CONVERTED PROMPTS WORKDIR MESHES [COORDINATOR NUM_PROCESSES PROCESS_ID]
 
 First the `jaxlens lens --prompts PROMPTS --out WORKDIR/lens` command line (cli.main, the `jaxlens`
 entry point, with --coordinator/--num-processes/--process-id when given: that is where the process
 joins the others). Then for each mesh of MESHES (`;`-separated: `one` is a single device, else
-named axes over every device of every process) the probes' results go to WORKDIR/<mesh>.npz.
+named axes over every device of every process) the probes' results go to WORKDIR/<mesh>.npz,
+with the params of CONVERTED (a `jaxlens convert` output: orbax) restored onto the same mesh.
 Only process 0 writes (report.io): a second process's WORKDIR must stay empty.
 """
 
@@ -25,10 +26,10 @@ from jaxlens.methods.readout import lens_grid
 from jaxlens.report.io import write_arrays
 from jaxlens.runtime.placement import to_host
 
-directory, prompts, workdir, meshes = sys.argv[1:5]
+directory, converted, prompts, workdir, meshes = sys.argv[1:6]
 distributed = []
-if len(sys.argv) > 5:
-    distributed = ["--coordinator", sys.argv[5], "--num-processes", sys.argv[6], "--process-id", sys.argv[7],
+if len(sys.argv) > 6:
+    distributed = ["--coordinator", sys.argv[6], "--num-processes", sys.argv[7], "--process-id", sys.argv[8],
                    "--init-timeout", "60"]
 assert cli.main(["lens", "--model", directory, "--prompts", prompts, "--out", f"{workdir}/lens", *distributed]) == 0
 
@@ -40,6 +41,9 @@ def probes(name: str, mesh) -> dict:
     # The weights: each process read only its devices' slices; gathered they are the checkpoint.
     for path, leaf in jax.tree_util.tree_leaves_with_path(to_host(model.params)):
         results["params" + jax.tree_util.keystr(path)] = leaf
+    # ... and an orbax restore of the same weights, straight into the mesh's shardings.
+    for path, leaf in jax.tree_util.tree_leaves_with_path(to_host(jaxlens.load(converted, mesh=mesh).params)):
+        results["orbax" + jax.tree_util.keystr(path)] = leaf
 
     # The forward with captures, the batch split over the processes' devices.
     rng = np.random.default_rng(0)

@@ -3,7 +3,7 @@ collectives), as JAX's own multi-process tests do (jax/_src/test_multiprocess.py
 test, short timeouts, every process's output kept for the failure message.
 
 2 processes x 4 devices give what 1 process x 8 devices and 1 device give: the safetensors load
-(params equal), the forward with captures, the fused lens, neuron statistics (exact counts), a
+and an orbax restore (params equal), the forward with captures, the fused lens, neuron statistics (exact counts), a
 steering sweep, a neuron-statistics run killed and resumed from its checkpoints (orbax, every
 process writing into one directory), and `jaxlens lens --prompts F --out D` (process 0 writes one output equal to a
 1-process run's; process 1 writes nothing). A process whose coordinator never starts exits fast.
@@ -77,18 +77,22 @@ def compare(reference: dict, other: dict, what: str) -> None:
 def test_two_processes_equal_one_process_and_one_device(tiny, tmp_path):
     from jaxlens.report.io import read_arrays
 
-    _, _, checkpoint = tiny
+    from jaxlens.converters.orbax_io import save
+
+    model, tokenizer, checkpoint = tiny
+    converted = save(tmp_path / "converted", model.config, model.params, tokenizer)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     port = free_port()
     procs = {}
     for name, argv, devices in (
-        ("one process", [checkpoint, prompts, tmp_path / "single", "one;data=4,model=2"], 8),
-        *((f"process {i} of 2", [checkpoint, prompts, tmp_path / f"p{i}", "data=4,model=2", f"localhost:{port}", 2, i], 4)
-          for i in range(2)),
+        ("one process", [tmp_path / "single", "one;data=4,model=2"], 8),
+        *((f"process {i} of 2", [tmp_path / f"p{i}", "data=4,model=2", f"localhost:{port}", 2, i], 4) for i in range(2)),
     ):
-        (tmp_path / argv[2].name).mkdir()
-        procs[name] = (launch([WORKER, *argv], devices, tmp_path / f"{argv[2].name}.log"), tmp_path / f"{argv[2].name}.log")
+        workdir = argv[0]
+        workdir.mkdir()
+        log = tmp_path / f"{workdir.name}.log"
+        procs[name] = (launch([WORKER, checkpoint, converted, prompts, *argv], devices, log), log)
     wait_all(procs, timeout=400)
 
     one = read_arrays(tmp_path / "single" / "one.npz")
@@ -100,6 +104,10 @@ def test_two_processes_equal_one_process_and_one_device(tiny, tmp_path):
         for k in ("active", "tokens", "sum", "sumsq"):
             np.testing.assert_array_equal(arrays[f"neurons_resumed/{k}"], arrays[f"neurons/{k}"], err_msg=f"{run}: {k}")
     assert any(k.startswith("params['layers']") for k in one) and "sweep/ll" in one
+    for run in ("single/one", "p0/data=4,model=2"):  # orbax restores the safetensors weights exactly
+        arrays = read_arrays(tmp_path / f"{run}.npz")
+        for k in (k for k in arrays if k.startswith("params")):
+            np.testing.assert_array_equal(arrays["orbax" + k.removeprefix("params")], arrays[k], err_msg=f"{run}: {k}")
 
     # `jaxlens lens`: one output, from process 0, equal to the 1-process run; process 1 wrote nothing.
     assert list((tmp_path / "p1").iterdir()) == [], list((tmp_path / "p1").iterdir())
@@ -122,3 +130,13 @@ def test_a_peer_that_never_starts_fails_fast_naming_the_coordinator(tmp_path):
     assert run.returncode == 2, run.stdout + run.stderr
     assert coordinator in run.stderr and "2 processes" in run.stderr and "does not answer" in run.stderr, run.stderr
     assert seconds < 45, seconds
+
+
+def test_initialize_refuses_bad_arguments_before_starting():
+    import jaxlens
+
+    with pytest.raises(ValueError, match="timeout must be a positive"):
+        jaxlens.distributed.initialize("localhost:1", 2, 0, timeout=0)
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\)"):
+        jaxlens.distributed.initialize("localhost:1", 2, 5, timeout=5)
+    assert jaxlens.distributed.is_primary() and jaxlens.distributed.process_count() == 1  # nothing started
