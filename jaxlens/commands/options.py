@@ -18,18 +18,18 @@ import os
 import re
 import time
 
+from jaxlens.core.config import DTYPES
 from jaxlens.core.sharding import MESH_AXES
 from jaxlens.runtime.zoo import DEFAULT_MODEL
 
 MODEL_HELP = "alias (gemma3-270m, smollm2-135m), HF dir, .gguf, hub id, or a `jaxlens convert` output"
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, default: str | None = DEFAULT_MODEL,
                       model_help: str = MODEL_HELP) -> None:
     g = parser.add_argument_group("model and devices")
     g.add_argument("--model", default=default, help=model_help)
-    g.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter dtype (default float32)")
+    g.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="parameter dtype (default float32)")
     g.add_argument("--mesh", metavar="AXIS=N,...",
                    help=f"named device mesh, axes {', '.join(MESH_AXES)}: e.g. data=4,model=2 (default: one device; "
                         "with several processes, data over every device)")
