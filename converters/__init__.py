@@ -9,7 +9,10 @@ unless `allow_pickle=True`: unpickling runs code from the file.
 
 Memory: each checkpoint tensor is read (memory-mapped), transformed, cast and `device_put` onto
 its NamedSharding, then dropped; per-layer tensors are written into their stacked [L, ...] device
-array in place (a donated dynamic_update_slice), so host memory stays near one tensor.
+array in place (a donated dynamic_update_slice), so host memory stays near one tensor. With several
+processes (jaxlens.distributed) each reads only the slices its own devices hold: the transforms
+are views of the memory-mapped file where they can be, and `make_array_from_callback` asks each
+process for its devices' slices alone.
 """
 
 from __future__ import annotations
@@ -138,12 +141,51 @@ def load_params(source, family: Family, config: ModelConfig, dtype="float32", me
             array = _zeros(tuple(target.shape), dtype, sharding)()
             for i in range(config.n_layers):
                 host = _assemble(source, group, config, i, target.shape[1:], dtype)
-                array = _set_layer_fn(sharding)(array, jax.device_put(host, layer_sharding), i)
+                array = _set_layer_fn(sharding)(array, _place(host, layer_sharding, dtype), i)
+                _release(source)
         else:
-            array = jax.device_put(_assemble(source, group, config, None, target.shape, dtype), sharding)
+            array = _place(_assemble(source, group, config, None, target.shape, dtype), sharding, dtype)
+            _release(source)
         _set_path(params, path, array)
     _check_complete(params, shapes)
     return params
+
+
+def _place(host: np.ndarray, sharding, dtype) -> jax.Array:
+    """`host` (often a lazy view of the memory-mapped file) cast to `dtype` on `sharding`. With
+    several processes each one touches only the slices of its own devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(np.asarray(host, dtype), sharding)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: np.ascontiguousarray(host[index], dtype))
+
+
+def _release(source) -> None:
+    """Drop the file pages read so far from this process's memory (they stay in the OS page cache):
+    without it every page of the checkpoint counts in the RSS until the load ends."""
+    release = getattr(source, "release", None)
+    if release is not None:
+        release()
+
+
+class _Slots:
+    """A fused param [..., n slots, ...] read lazily from its slots' tensors: indexing reads only
+    that slice of each (what `_place` asks for, per device)."""
+
+    def __init__(self, parts: list[np.ndarray], axis: int, dtype):
+        self.parts, self.axis, self.dtype = parts, axis, np.dtype(dtype)
+        inner = parts[0].shape
+        self.shape = inner[:axis] + (len(parts),) + inner[axis:]
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index):
+        index = tuple(index) + (slice(None),) * (self.ndim - len(index))
+        rest = index[: self.axis] + index[self.axis + 1 :]
+        return np.stack([np.asarray(self.parts[k][rest], self.dtype) for k in range(len(self.parts))[index[self.axis]]],
+                        axis=self.axis)
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[()]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
 
 
 class _Prefixed:
@@ -162,22 +204,22 @@ class _Prefixed:
     def get(self, name: str):
         return self.source.get(name.removeprefix(self.prefix))
 
+    def release(self) -> None:
+        _release(self.source)
 
-def _assemble(source, group, config, i, shape, dtype) -> np.ndarray:
-    """One param (one layer of it) from its rule, or from the rules filling its fused slots."""
+
+def _assemble(source, group, config, i, shape, dtype):
+    """One param (one layer of it) from its rule (uncast, a view where the transform allows), or
+    from the rules filling its fused slots (`_Slots`, read lazily)."""
     if len(group) == 1 and group[0].slot is None:
-        return _read(source, group[0], config, i, shape, dtype)
-    host = np.empty(shape, dtype)
-    for rule in group:
-        axis, index = rule.slot
-        where = [slice(None)] * len(shape)
-        where[axis] = index
-        host[tuple(where)] = _read(source, rule, config, i, shape[:axis] + shape[axis + 1 :], dtype)
-    assert len(group) == shape[group[0].slot[0]], f"fused param {group[0].path} has unfilled slots"
-    return host
+        return _read(source, group[0], config, i, shape)
+    axis = group[0].slot[0]
+    assert sorted(rule.slot[1] for rule in group) == list(range(shape[axis])), f"fused param {group[0].path} has unfilled slots"
+    parts = {rule.slot[1]: _read(source, rule, config, i, shape[:axis] + shape[axis + 1 :]) for rule in group}
+    return _Slots([parts[k] for k in range(shape[axis])], axis, dtype)
 
 
-def _read(source, rule, config, i, shape, dtype) -> np.ndarray:
+def _read(source, rule, config, i, shape) -> np.ndarray:
     name = rule.hf.format(i=i)
     try:
         host = rule.transform(np.asarray(source.get(name)), config)
@@ -188,7 +230,7 @@ def _read(source, rule, config, i, shape, dtype) -> np.ndarray:
             f"tensor {name!r} has shape {tuple(source.shape(name))}, which does not fit the config "
             f"(expected {tuple(shape)} after conversion); is the config.json from the same model?"
         )
-    return host.astype(dtype)
+    return host  # cast where it is placed, slice by slice
 
 
 def _get_path(tree, path):

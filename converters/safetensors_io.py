@@ -10,6 +10,7 @@ then the raw bytes.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -75,10 +76,19 @@ class SafetensorsFile:
                     f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype}; corrupt header"
                 )
             self._entries[name] = (np.dtype(_DTYPES[dtype]), shape, begin)
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+        self._map = None
+        if size:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def release(self) -> None:
+        """Unmap the pages read so far from this process (the file and the OS cache are untouched;
+        a later read maps them again)."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
@@ -121,3 +131,7 @@ class SafetensorsSource:
 
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)
+
+    def release(self) -> None:
+        for shard in set(self._where.values()):
+            shard.release()

@@ -11,7 +11,8 @@ from jaxlens.core.config import ConfigError, ModelConfig
 from jaxlens.core.forward import forward
 from jaxlens.core.sharding import make_mesh
 from jaxlens.core.sites import SITES
+from jaxlens.runtime import distributed
 from jaxlens.runtime.loading import load
 from jaxlens.runtime.model import Model
 
-__all__ = ["ConfigError", "Model", "ModelConfig", "SITES", "forward", "interventions", "load", "make_mesh", "reducers"]
+__all__ = ["ConfigError", "Model", "ModelConfig", "SITES", "distributed", "forward", "interventions", "load", "make_mesh", "reducers"]

@@ -35,6 +35,12 @@ def main(argv=None) -> int:
         # Options are checked before any command loads a model: a wrong --out costs no load time.
         validate.cli_options(args)
         validate.out_dir(getattr(args, "out", None), getattr(args, "overwrite", False))
+        if hasattr(args, "init_timeout"):  # a command that loads a model: join the other hosts, check --mesh
+            from jaxlens.commands import options
+
+            options.start(args)
+            with options.primary_output():
+                return args.run(args)
         return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"jaxlens {args.command}: error: {e}", file=sys.stderr)

@@ -96,3 +96,56 @@ def test_report_embeds_a_subset_cjk_font():
     font = base64.b64decode(url.group(1))
     assert font[:4] == b"OTTO" and len(font) < 200_000  # a subset, not the 16 MB font
     assert "@font-face" not in render("plain", [Section("ascii only")])
+
+
+# ---- the shared model options (commands/options.py) ------------------------------------------------
+
+MODEL_COMMANDS = (["lens"], ["latent-language"], ["mc-lens"], ["eval"], ["neurons", "stats"], ["neurons", "deactivate", "x"],
+                  ["steer"], ["transplant"], ["subspace", "probe"], ["subspace", "report"], ["subspace", "steer"],
+                  ["subspace", "train"])
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS, ids=" ".join)
+def test_every_model_command_has_the_model_options(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([*command[:2 if command[0] in ("neurons", "subspace") else 1], "--help"])
+    text = capsys.readouterr().out
+    for option in ("--model", "--dtype", "--mesh", "--coordinator", "--num-processes", "--process-id", "--distributed",
+                   "--init-timeout"):
+        assert option in text, (command, option)
+
+
+@pytest.mark.parametrize("mesh, message", [
+    ("4x2", "expected named axes AXIS=N"),
+    ("data=4,batch=2", "unknown axis 'batch'; the axes are data, model"),
+    ("data=2,data=2", "axis 'data' given twice"),
+    ("data=0", "must have at least 1 device"),
+    ("data=4096", "needs 4096 devices; only"),
+])
+def test_mesh_refused_before_load(tmp_path, capsys, mesh, message):
+    err = refuse(capsys, "lens", "--model", NO_MODEL, "--mesh", mesh, "--out", str(tmp_path / "o"))
+    assert "--mesh" in err and message in err and "nonexistent" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--coordinator", "localhost:1234"], "--coordinator also needs --num-processes, --process-id"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "expected HOST:PORT"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "--process-id must be in 0..1"),
+    (["--distributed", "--num-processes", "2"], "--distributed takes the cluster's settings"),
+    (["--init-timeout", "0"], "--init-timeout must be a positive number"),
+])
+def test_distributed_options_refused_before_start(tmp_path, capsys, argv, message):
+    err = refuse(capsys, "neurons", "stats", "--model", NO_MODEL, *argv, "--out", str(tmp_path / "o"))
+    assert message in err
+
+
+def test_mesh_builds_named_axes():
+    import argparse
+
+    from jaxlens.commands import options
+
+    assert options.parse_mesh("data=4, model=2") == {"data": 4, "model": 2}
+    args = argparse.Namespace(mesh="model=1")
+    mesh = options.build_mesh(args)
+    assert dict(mesh.shape) == {"data": 1, "model": 1}
+    assert options.build_mesh(argparse.Namespace(mesh=None)) is None  # jaxlens.load's one-device default

@@ -101,13 +101,14 @@ def _activation(name: str) -> str:
     return table[name]
 
 
-# Transforms: HF stores nn.Linear weights as [out, in]; our kernels are [in, *out].
+# Transforms: HF stores nn.Linear weights as [out, in]; our kernels are [in, *out]. The common ones
+# return views of the (memory-mapped) tensor, so a host reads only the slices it places.
 def same(w, cfg):
     return w
 
 
 def transpose(w, cfg):
-    return np.ascontiguousarray(w.T)
+    return w.T
 
 
 def to_heads(n_heads_of):
@@ -117,14 +118,14 @@ def to_heads(n_heads_of):
         n = n_heads_of(cfg)
         if w.ndim == 1:
             return w.reshape(n, cfg.head_dim)
-        return np.ascontiguousarray(w.T).reshape(w.shape[1], n, cfg.head_dim)
+        return w.T.reshape(w.shape[1], n, cfg.head_dim)
 
     return transform
 
 
 def from_heads(w, cfg):
     """o_proj [D, N*H] -> [N, H, D]."""
-    return np.ascontiguousarray(w.T).reshape(cfg.n_heads, cfg.head_dim, w.shape[0])
+    return w.T.reshape(cfg.n_heads, cfg.head_dim, w.shape[0])
 
 
 q_heads = to_heads(lambda c: c.n_heads)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from jaxlens.runtime.zoo import DEFAULT_MODEL
+from jaxlens.commands.options import add_model_options, load_model
 
 
 def run(args) -> int:
@@ -19,7 +19,6 @@ def run(args) -> int:
 
     import numpy as np
 
-    import jaxlens
     from jaxlens.data.items import LETTERS, load_jsonl, load_xcopa
     from jaxlens.data.templates import TEMPLATES
     from jaxlens.methods.scoring import letter_token_ids, score_items
@@ -45,9 +44,7 @@ def run(args) -> int:
         template = template.override(args.template)
     methods = {"both": ("options", "letters"), "options": ("options",), "letters": ("letters",)}[args.methods]
 
-    t0 = time.perf_counter()
-    model = jaxlens.load(args.model, dtype=args.dtype)
-    print(f"loaded {args.model} ({model.config.family}, {model.config.n_layers} layers) in {time.perf_counter() - t0:.1f}s")
+    model = load_model(args)
     t0 = time.perf_counter()
     scores = score_items(items, model.tokenizer, template=template, model=model, methods=methods, batch_rows=args.batch_rows)
     seconds = time.perf_counter() - t0
@@ -207,7 +204,7 @@ def write_html(path, args, summary: dict, table: str) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="multilingual multiple choice: accuracy, consistency, transfer")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias (gemma3-270m, smollm2-135m), HF dir, .gguf, hub id, or a convert output")
+    add_model_options(p)
     p.add_argument("--data", default="xcopa", help="xcopa, or a JSONL file: {id, lang, question, options, answer} per line")
     p.add_argument("--langs", help="comma-separated languages (default: all of the data's)")
     p.add_argument("--english", action="store_true", help="include English (XCOPA: the data-gmt translation; JSONL: lang 'en')")
@@ -217,7 +214,6 @@ def register(sub) -> None:
     p.add_argument("--methods", default="both", choices=("both", "options", "letters"), help="option log-likelihood, letter probability, or both")
     p.add_argument("--template", help="JSON file overriding fields of the dataset's prompt template (see jaxlens.data.templates.Template)")
     p.add_argument("--batch-rows", type=int, default=8, help="sequences per forward (every batch has this many rows)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(run=run)

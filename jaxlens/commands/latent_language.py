@@ -6,11 +6,10 @@ import shlex
 import sys
 import time
 
-from jaxlens.runtime.zoo import DEFAULT_MODEL
+from jaxlens.commands.options import add_model_options, load_model
 
 
 def run(args) -> int:
-    import jaxlens
     from jaxlens.report.io import output_dir
     from jaxlens.methods.latent import latent_language, per_layer_rows, write_outputs
     from jaxlens.data.wordlists import CATEGORIES, babel_words, read_csv
@@ -21,9 +20,7 @@ def run(args) -> int:
     words = read_csv(args.words, args.source, args.target) if args.words else babel_words(args.source, args.target, categories)
     origin = args.words or f"CLDR names via Babel ({', '.join(categories)})"
     print(f"{len(words)} concepts from {origin}")
-    t0 = time.perf_counter()
-    model = jaxlens.load(args.model, dtype=args.dtype)
-    print(f"loaded {args.model} ({model.config.family}, {model.config.n_layers} layers) in {time.perf_counter() - t0:.1f}s")
+    model = load_model(args)
     with output_dir(args.out, overwrite=args.overwrite) as tmp:
         t0 = time.perf_counter()
         result = latent_language(model, words, args.source, args.target, n_demos=args.demos, max_items=args.max_items,
@@ -43,7 +40,7 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("latent-language", help="P(English) vs P(target) per layer on word-translation prompts (Wendler et al.)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias (gemma3-270m, smollm2-135m), HF dir, .gguf, hub id, or a convert output")
+    add_model_options(p)
     p.add_argument("--source", default="fr", help="language of the word given (locale code: fr, de, ru, ...)")
     p.add_argument("--target", default="zh", help="language asked for (not en: English is the latent language measured)")
     p.add_argument("--words", help="CSV with columns lang,word_original,word_translation (default: CLDR names via Babel)")
@@ -57,7 +54,6 @@ def register(sub) -> None:
                         "remove them from both, drop the concept, or keep")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     p.add_argument("--out", required=True, help="output directory (CSV, JSON, npz, PNG, index.html)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=run)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import html
 import json
-import time
 from pathlib import Path
 
-from jaxlens.runtime.zoo import DEFAULT_MODEL
+from jaxlens.commands.options import add_model_options, load_model
 
 DEFAULT_PROMPT = 'Français: "livre" - 中文: "书"\nFrançais: "eau" - 中文: "水"\nFrançais: "nuage" - 中文: "'
 PNG_COLUMNS = 32  # the PNG shows a prompt's last 32 positions (the HTML table shows all)
@@ -59,12 +58,8 @@ def grid_html(tokens, probs, columns) -> str:
 
 
 def run(args) -> int:
-    import jaxlens
-
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
-    t0 = time.perf_counter()
-    model = jaxlens.load(args.model, dtype=args.dtype)
-    print(f"loaded {args.model} ({model.config.family}, {model.config.n_layers} layers) in {time.perf_counter() - t0:.1f}s")
+    model = load_model(args)
     translators = None
     if args.lens == "tuned":
         if not args.translators:
@@ -127,14 +122,13 @@ def write_outputs(args, model, prompts, grids, decode) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("lens", help="text logit lens: top next tokens at every layer and position")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias (gemma3-270m, smollm2-135m), HF dir, .gguf, hub id, or a convert output")
+    add_model_options(p)
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to read (default: a French->Chinese translation prompt)")
     p.add_argument("--prompts", help=r"file of prompts: one per line (\n for a newline), or .jsonl strings / {prompt}")
     p.add_argument("--lens", choices=("logit", "tuned"), default="logit", help="the plain logit lens, or tuned-lens translators")
     p.add_argument("--translators", help="with --lens tuned: a directory written by `python -m jaxlens.methods.tuned_lens`")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     p.add_argument("--out", help="output directory (grid PNGs, index.html, lens.npz, lens.json); a .json path with "
                                  "--prompt writes only the last position's table there")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import time
 
-from jaxlens.runtime.zoo import DEFAULT_MODEL
+from jaxlens.commands.options import add_model_options, load_model
 
 
 def load_items(args):
@@ -37,7 +36,6 @@ def run(args) -> int:
 
     import numpy as np
 
-    import jaxlens
     from jaxlens.report.figures import layer_curves
     from jaxlens.report.io import output_dir, write_arrays, write_json
     from jaxlens.methods.mc_lens import mc_lens, summary_rows
@@ -47,9 +45,7 @@ def run(args) -> int:
     if args.template:
         template = template.override(args.template)
     print(f"{sum(map(len, by_lang.values()))} items in {', '.join(by_lang)}")
-    t0 = time.perf_counter()
-    model = jaxlens.load(args.model, dtype=args.dtype)
-    print(f"loaded {args.model} ({model.config.family}, {model.config.n_layers} layers) in {time.perf_counter() - t0:.1f}s")
+    model = load_model(args)
     with output_dir(args.out, overwrite=args.overwrite) as tmp:
         readings = mc_lens(model, by_lang, english, template=template, batch_size=args.batch_size)
         header, rows = summary_rows(readings, seed=args.seed)
@@ -94,7 +90,7 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("mc-lens", help="multiple-choice option probabilities per layer and language, and cosine to English")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias (gemma3-270m, smollm2-135m), HF dir, .gguf, hub id, or a convert output")
+    add_model_options(p)
     p.add_argument("--xcopa", help="XCOPA languages, comma-separated (e.g. zh,sw,it); English from data-gmt")
     p.add_argument("--items", help="JSONL: one {id, lang, question, options, answer} per line; parallel items share ids")
     p.add_argument("--split", default="val", help="XCOPA split: val | test")
@@ -102,7 +98,6 @@ def register(sub) -> None:
     p.add_argument("--template", help="JSON file overriding fields of the prompt template (as `jaxlens eval --template`)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     p.add_argument("--out", required=True, help="output directory (CSV, JSON, npz, PNG, index.html)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=run)

@@ -15,20 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from jaxlens.runtime.zoo import DEFAULT_MODEL
-
-
-def _load_model(args):
-    import jaxlens
-
-    mesh = None
-    if args.mesh:
-        data, _, model_axis = args.mesh.partition("x")
-        mesh = jaxlens.make_mesh(data=int(data), model=int(model_axis or 1))
-    t0 = time.perf_counter()
-    model = jaxlens.load(args.model, dtype=args.dtype, mesh=mesh)
-    print(f"loaded {args.model} ({model.config.family}, {model.config.n_layers} layers, d_ff {model.config.d_ff}) in {time.perf_counter() - t0:.1f}s")
-    return model
+from jaxlens.commands.options import add_model_options, load_model
 
 
 def _corpus(args, split):
@@ -94,14 +81,14 @@ def _heatmap(path, matrix, rows, cols, title: str, label: str):
 
 def run_stats(args) -> int:
     from jaxlens.methods import neurons as N
-    from jaxlens.report.io import output_dir, write_json
+    from jaxlens.report.io import output_dir, write_json, writes
     from jaxlens.report.html import Section, write_report
 
     out = Path(args.out).absolute()
     if out.exists() and not args.overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise FileExistsError(f"{out} already exists; choose a new output directory or pass --overwrite")
     corpus = _corpus(args, "test")
-    model = _load_model(args)
+    model = load_model(args)
     batches = N.corpus_batches(model, corpus, seq_len=args.seq_len, batch_size=args.batch, budget=args.budget)
     meta = {"model": args.model, "languages": list(batches.languages), "seq_len": args.seq_len, "batch": args.batch,
             "budget": args.budget, "corpus": N.corpus_meta(corpus), "counted_tokens": batches.counted,
@@ -125,7 +112,8 @@ def run_stats(args) -> int:
             Section("Mean activation probability per layer", figure="activation.png",
                     table=(["lang", "tokens"] + [f"L{i}" for i in range(probs.shape[0])], rows)),
         ])
-    shutil.rmtree(checkpoint, ignore_errors=True)  # the run is whole: its checkpoints are spent
+    if writes():  # the run is whole: its checkpoints are spent (process 0 removes them)
+        shutil.rmtree(checkpoint, ignore_errors=True)
     print(f"{sum(batches.counted.values())} tokens in {seconds:.1f}s ({sum(batches.counted.values()) / seconds:.0f} tok/s); wrote {out}")
     return 0
 
@@ -251,7 +239,7 @@ def run_deactivate(args) -> int:
 
     langs, masks, _ = load_neuron_sets(args.neurons)
     corpus = _corpus(args, "val")
-    model = _load_model(args)
+    model = load_model(args)
     if masks.shape[1:] != (model.config.n_layers, model.config.d_ff):
         raise ValueError(f"neuron sets are for [L, F] = {masks.shape[1:]}, the model has {(model.config.n_layers, model.config.d_ff)}")
     batches = N.corpus_batches(model, corpus, seq_len=args.seq_len, batch_size=args.batch, budget=args.budget)
@@ -325,9 +313,7 @@ def register(sub) -> None:
         q.add_argument("--out", required=True, help="output directory")
         q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
         if model:
-            q.add_argument("--model", default=DEFAULT_MODEL, help="alias (gemma3-270m, smollm2-135m), HF dir, .gguf, hub id")
-            q.add_argument("--dtype", default="float32", help="float32 | bfloat16")
-            q.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 4x2 (default: one device)")
+            add_model_options(q)
             q.add_argument("--corpus", nargs="+", metavar="LANG=PATH", help="text or JSONL files per language (default: XCOPA)")
             q.add_argument("--budget", type=int, help="counted tokens per language (default: the whole corpus)")
             q.add_argument("--seq-len", type=int, default=128, help="packed sequence length")

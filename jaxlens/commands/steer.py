@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from jaxlens.runtime.zoo import DEFAULT_MODEL
+from jaxlens.commands.options import add_model_options, load_model
 
 
 def _ints(text):
@@ -21,8 +21,6 @@ def _ints(text):
 
 
 def run(args) -> int:
-
-    import jaxlens
     from jaxlens.data.items import load_jsonl, load_xcopa
     from jaxlens.data.templates import TEMPLATES
     from jaxlens.methods.scoring import score_items
@@ -48,7 +46,7 @@ def run(args) -> int:
                 vector_items.append(item)
             elif n <= args.vector_items + args.limit:
                 items.append(item)
-    model = jaxlens.load(args.model, dtype=args.dtype)
+    model = load_model(args)
     L = model.config.n_layers
     layers = _ints(args.layers) if args.layers else list(range(L))
     points = steer.grid(layers, alphas)
@@ -100,7 +98,7 @@ def plot_changes(path, result: dict, layers, alphas) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("steer", help="steer latents toward English over a (layer x alpha) grid")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    add_model_options(p)
     p.add_argument("--data", default="xcopa", help="xcopa, or a JSONL file (id, lang, question, options, answer)")
     p.add_argument("--langs", default="et,zh", help="languages to steer (comma-separated); English is the reference")
     p.add_argument("--layers", help="layers to steer at (comma-separated; default: every layer)")
@@ -110,7 +108,6 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=40, help="scored items per language")
     p.add_argument("--vector-items", type=int, default=100, help="parallel items per language for the vectors")
     p.add_argument("--batch-rows", type=int, default=8)
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=run)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 
+from jaxlens.commands.options import MODEL_HELP, add_model_options, load_model
 from jaxlens.runtime.zoo import DEFAULT_MODEL
 
 
@@ -111,7 +112,6 @@ def _write_diagnostics(out, model, sub, fit_prompts, test_prompts, title, compar
 def run_probe(args) -> int:
     langs = _list(args.langs)
     check_langs(langs, rank=args.rank)
-    import jaxlens
     from jaxlens.methods import subspace as ss
     from jaxlens.report.io import output_dir
 
@@ -120,7 +120,7 @@ def run_probe(args) -> int:
                              else _prompts(args, langs, None, args.fit, args.test), args.template)
     if min(len(v) for v in test_prompts.values()) == 0:
         raise SystemExit("error: no held-out prompts left for the diagnostics; lower --fit or give more data")
-    model = jaxlens.load(args.model, dtype=args.dtype, delta=args.delta)
+    model = load_model(args, delta=args.delta)
     t0 = time.perf_counter()
     probe = ss.probe_prompts(model, fit_prompts, last_norm=not args.no_last_norm, batch_rows=args.batch_rows, progress=True,
                              meta={"model": args.model, "delta": args.delta, "template": args.template, "data": args.data,
@@ -139,7 +139,6 @@ def run_probe(args) -> int:
 
 
 def run_report(args) -> int:
-    import jaxlens
     from jaxlens.methods import subspace as ss
     from jaxlens.report.io import output_dir
 
@@ -149,7 +148,7 @@ def run_report(args) -> int:
     fit_prompts = _template(_prompts(args, list(sub.langs), "val" if args.data == "xcopa" else None, 0, args.fit), sub.meta.get("template", "{text}"))
     test_prompts = _template(_prompts(args, list(sub.langs), "test", 0, args.test) if args.data == "xcopa"
                              else _prompts(args, list(sub.langs), None, args.fit, args.test), sub.meta.get("template", "{text}"))
-    model = jaxlens.load(model_name, dtype=args.dtype, delta=args.delta or sub.meta.get("delta"))
+    model = load_model(args, model_name, delta=args.delta or sub.meta.get("delta"))
     with output_dir(args.out, overwrite=args.overwrite) as out:
         _write_diagnostics(out, model, sub, fit_prompts, test_prompts, f"Lens subspace: {model_name}", compare=other)
     print(f"wrote {args.out}/ (diagnostics.npz, summary.json, *.png, index.html)")
@@ -176,7 +175,6 @@ def _xcopa_eval(model, langs, limit, batch_rows):
 
 
 def run_steer(args) -> int:
-    import jaxlens
     import numpy as np
 
     from jaxlens.data.items import load_xcopa
@@ -190,7 +188,7 @@ def run_steer(args) -> int:
 
     sub = ss.Subspace.load(args.space)
     alphas = _list(args.alphas, float)
-    model = jaxlens.load(args.model or sub.meta.get("model") or DEFAULT_MODEL, dtype=args.dtype, delta=sub.meta.get("delta"))
+    model = load_model(args, args.model or sub.meta.get("model"), delta=sub.meta.get("delta"))
     L = model.config.n_layers
     layers = _list(args.layers, int) or list(range(L - 1 if sub.meta.get("last_norm", True) else L))
     points = steer.grid(layers, alphas)
@@ -239,7 +237,6 @@ def run_train(args) -> int:
         raise SystemExit(f"error: --layers {args.layers}: a trained layer outside the model's layers 0..{n_layers - 1}")
     langs = _list(args.langs) or list(sub.langs)
     check_langs(langs)
-    import jaxlens
     from jaxlens.methods import subspace_train as st
     from jaxlens.report.html import Section, write_report
     from jaxlens.report.io import write_json
@@ -249,7 +246,7 @@ def run_train(args) -> int:
     cfg = st.TrainConfig(layers=tuple(layers) if layers else None, weights=tuple(weights), separation=args.separation,
                          lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, batch=args.batch,
                          accumulate=args.accumulate, epochs=args.epochs, max_length=args.max_length)
-    model = jaxlens.load(model_name, dtype=args.dtype)
+    model = load_model(args, model_name)
     before = _xcopa_eval(model, langs, args.eval_limit, args.batch_rows) if args.eval_limit else None
     result = st.train(model, sub, prompts, config=cfg)
     st.save(args.out, result, model_name=model_name, config=model.config, train_config=cfg, overwrite=args.overwrite)
@@ -291,9 +288,9 @@ def register(sub) -> None:
     cmds = p.add_subparsers(dest="subspace_command", required=True)
 
     def common(q, model_default=None):
-        q.add_argument("--model", default=model_default, help="checkpoint (default: the subspace's own, else " + DEFAULT_MODEL + ")")
+        add_model_options(q, default=model_default,
+                          model_help=MODEL_HELP if model_default else "checkpoint (default: the subspace's own, else " + DEFAULT_MODEL + ")")
         q.add_argument("--data", default="xcopa", help="xcopa (parallel premises), or a JSONL of {lang, text[, id]}")
-        q.add_argument("--dtype", default="float32")
         q.add_argument("--batch-rows", type=int, default=8)
         q.add_argument("--out", required=True)
         q.add_argument("--overwrite", action="store_true")

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import time
 
-from jaxlens.runtime.zoo import DEFAULT_MODEL
+from jaxlens.commands.options import add_model_options, load_model
 
 
 def run(args) -> int:
     import numpy as np
 
-    import jaxlens
     from jaxlens.data.items import load_jsonl, load_xcopa
     from jaxlens.data.templates import TEMPLATES
     from jaxlens.methods.scoring import score_items
@@ -43,7 +42,7 @@ def run(args) -> int:
                         args.pilot, args.test)
     except ValueError as e:
         raise SystemExit(f"--pilot/--test: {e}") from None
-    model = jaxlens.load(args.model, dtype=args.dtype)
+    model = load_model(args)
     L = model.config.n_layers
     given = parse_pair(args.pair, L)
     t0 = time.perf_counter()
@@ -184,7 +183,7 @@ def plot_heatmaps(path, result: dict) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("transplant", help="XTransplant: every (source layer, target layer) MLP-output transplant")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    add_model_options(p)
     p.add_argument("--data", default="xcopa", help="xcopa, or a JSONL file (id, lang, question, options, answer)")
     p.add_argument("--langs", default="et,zh", help="target languages (comma-separated); the source is English")
     p.add_argument("--limit", type=int, default=100, help="items per language (XCOPA: the 100 of its validation split)")
@@ -202,7 +201,6 @@ def register(sub) -> None:
     p.add_argument("--pair", help="I,J: generate under this (source, target) layer pair only "
                                   "(default: every pair, in one program per batch)")
     p.add_argument("--batch-rows", type=int, default=8)
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=run)

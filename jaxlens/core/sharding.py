@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+MESH_AXES = ("data", "model")  # the named axes a mesh may have (`--mesh data=4,model=2`)
+
 # (regex on the '/'-joined params path, spec). First match wins; unmatched leaves are replicated.
 PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
     (r"^embedding$", ("model", None)),  # [V, D]

@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from jaxlens.runtime.placement import put, to_host, wait
+from jaxlens.runtime.distributed import is_primary
+from jaxlens.runtime.placement import put, put_replicated, to_host, wait
 
 
 def _tokens(batch) -> int:
@@ -37,7 +38,7 @@ def stream(batches: Sequence, step: Callable, *, mesh, inputs: Callable, desc: s
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(size(b) for b in batches), desc=desc, unit="tok", unit_scale=True,
-               disable=not progress, leave=False)
+               disable=not (progress and is_primary()), leave=False)
     pending = None
     try:
         for batch in batches:
@@ -110,12 +111,15 @@ def accumulate(batches: Sequence, step: Callable, state, *, mesh, inputs: Callab
     from tqdm.auto import tqdm
 
     start = 0
+    # On the mesh from the start: a restored checkpoint takes the template's placement, and an
+    # uncommitted template would come back committed to one device, beside params on many.
+    state = put_replicated(mesh, state)
     if checkpoint is not None:
         state, start = checkpoint.restore(state)
-        if start:
+        if start and is_primary():
             print(f"resuming from {checkpoint.directory}: {start} of {len(batches)} batches done")
     bar = tqdm(total=sum(size(b) for b in batches), initial=sum(size(b) for b in batches[:start]), desc=desc,
-               unit="tok", unit_scale=True, disable=not progress)
+               unit="tok", unit_scale=True, disable=not (progress and is_primary()))
     try:
         previous = None
         for i in range(start, len(batches)):

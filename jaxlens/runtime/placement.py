@@ -1,6 +1,10 @@
 """Host <-> mesh, in one place: batches go onto the mesh split over its data axes, results come
 back to the host as numpy. Nothing outside the runtime calls `jax.device_put` or reads device
-arrays with `np.asarray` (issue 8's per-host input plugs in here)."""
+arrays with `np.asarray`.
+
+With several processes (`jaxlens.distributed`) every process holds the same host batch (each builds
+it from the same data, the same way), puts only the rows its own devices hold onto the global
+mesh, and reads results back with one all-gather; a single process places and reads as before."""
 
 from __future__ import annotations
 
@@ -29,10 +33,31 @@ def put(mesh: Mesh, *arrays, batch_axis: int = 0):
         spec = batch_sharding(mesh, np.shape(a)[batch_axis]).spec
         return NamedSharding(mesh, P(*([None] * batch_axis), *spec))
 
-    placed = tuple(jax.device_put(np.asarray(a) if not isinstance(a, jax.Array) else a, sharding(a)) for a in arrays)
+    placed = tuple(_place(a, sharding(a), batch_axis) for a in arrays)
     for log in _RECORDERS:
         log.extend((a.sharding, batch_axis) for a in placed)
     return placed[0] if len(placed) == 1 else placed
+
+
+def _place(a, sharding: NamedSharding, batch_axis: int):
+    if isinstance(a, jax.Array) or jax.process_count() == 1:
+        return jax.device_put(a if isinstance(a, jax.Array) else np.asarray(a), sharding)
+    a = np.asarray(a)
+    rows = _process_rows(sharding, a.shape, batch_axis)
+    local = a[(slice(None),) * batch_axis + (rows,)]
+    return jax.make_array_from_process_local_data(sharding, local, a.shape)
+
+
+def _process_rows(sharding: NamedSharding, shape, axis: int) -> slice:
+    """The block of rows this process's devices hold (contiguous: meshes list devices process by
+    process), the whole batch when it is replicated."""
+    spans = {(s.start or 0, shape[axis] if s.stop is None else s.stop)
+             for s in (index[axis] for index in sharding.addressable_devices_indices_map(shape).values())}
+    start, stop = min(b for b, _ in spans), max(e for _, e in spans)
+    if sum(e - b for b, e in spans) != stop - start and len(spans) > 1:
+        raise ValueError(f"this process's devices hold non-contiguous rows of the batch ({sorted(spans)}); "
+                         "build the mesh from jax.devices() in order (jaxlens.make_mesh does)")
+    return slice(start, stop)
 
 
 def put_replicated(mesh: Mesh, tree):
@@ -41,8 +66,17 @@ def put_replicated(mesh: Mesh, tree):
 
 
 def to_host(tree):
-    """Device results -> numpy (waits for them)."""
-    return jax.tree.map(np.asarray, jax.device_get(tree))
+    """Device results -> numpy (waits for them). Arrays spread over several processes are
+    all-gathered (once per call), so every process gets the same numpy."""
+    leaves, treedef = jax.tree.flatten(tree)
+    spread = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    if spread:
+        from jax.experimental import multihost_utils
+
+        gathered = multihost_utils.process_allgather([leaves[i] for i in spread], tiled=True)
+        for i, g in zip(spread, gathered):
+            leaves[i] = g
+    return jax.tree.unflatten(treedef, [np.asarray(x) for x in jax.device_get(leaves)])
 
 
 def wait(tree):
