@@ -62,16 +62,18 @@ def run(args) -> int:
     import jaxlens
 
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    if args.lens == "tuned":  # a missing or old-format directory is refused before the load
+        from jaxlens.methods import tuned_lens
+
+        if not args.translators:
+            raise ValueError(f"--lens tuned needs --translators DIR (train them: {tuned_lens.RETRAIN})")
+        tuned_lens.check(args.translators)
+    elif args.translators:
+        raise ValueError("--translators is read only with --lens tuned")
     t0 = time.perf_counter()
     model = jaxlens.load(args.model, dtype=args.dtype)
     print(f"loaded {args.model} ({model.config.family}, {model.config.n_layers} layers) in {time.perf_counter() - t0:.1f}s")
-    translators = None
-    if args.lens == "tuned":
-        if not args.translators:
-            raise ValueError("--lens tuned needs --translators DIR (train them: python -m jaxlens.methods.tuned_lens --out DIR)")
-        from jaxlens.methods import tuned_lens
-
-        translators = tuned_lens.load(args.translators, model.config)
+    translators = tuned_lens.load(args.translators, model.config) if args.lens == "tuned" else None
     from jaxlens.methods.readout import lens_grid
 
     grids = lens_grid(model, prompts, k=args.top_k, batch_size=args.batch_size, progress=len(prompts) > 1,
@@ -131,7 +133,7 @@ def register(sub) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to read (default: a French->Chinese translation prompt)")
     p.add_argument("--prompts", help=r"file of prompts: one per line (\n for a newline), or .jsonl strings / {prompt}")
     p.add_argument("--lens", choices=("logit", "tuned"), default="logit", help="the plain logit lens, or tuned-lens translators")
-    p.add_argument("--translators", help="with --lens tuned: a directory written by `python -m jaxlens.methods.tuned_lens`")
+    p.add_argument("--translators", help="with --lens tuned: a directory written by `jaxlens tuned-lens --out DIR` (DIR or DIR/translators)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
