@@ -195,7 +195,8 @@ def test_lens_command_reads_through_saved_translators(tiny, tmp_path):
 
 def test_tuned_lens_command_trains_and_lens_reads_it(tiny, tmp_path):
     """`jaxlens tuned-lens` trains translators on XCOPA text (a few steps) and `jaxlens lens --lens
-    tuned --translators OUT` reads them: block l's row through translator l + 1."""
+    tuned --translators OUT --embedding` reads them: the embedding output through translator 0,
+    block l through translator l + 1, the last block as the model's own output."""
     import json
 
     from jaxlens.cli import main
@@ -211,11 +212,12 @@ def test_tuned_lens_command_trains_and_lens_reads_it(tiny, tmp_path):
     translators = tuned_lens.load(out, model.config)
     prompt = "The man turned on the tap."
     assert main(["lens", "--model", str(directory), "--prompt", prompt, "--lens", "tuned", "--translators", str(out),
-                 "--out", str(tmp_path / "lens.json")]) == 0
+                 "--embedding", "--out", str(tmp_path / "lens.json")]) == 0
     tokens, mask = model.encode([prompt])
-    ref = lens_from_tokens(model.params, tokens, mask, config=model.config, k=5, translators=translators)
-    got = [[t["id"] for t in row["top"]] for row in json.loads((tmp_path / "lens.json").read_text())["layers"]]
-    np.testing.assert_array_equal(got, np.asarray(ref["top_ids"])[:, 0, 0])
+    ref = lens_from_tokens(model.params, tokens, mask, config=model.config, k=5, translators=translators, embedding=True)
+    rows = json.loads((tmp_path / "lens.json").read_text())["layers"]
+    assert [row["layer"] for row in rows] == ["emb", *range(L)]  # the embedding output, through translator 0
+    np.testing.assert_array_equal([[t["id"] for t in row["top"]] for row in rows], np.asarray(ref["top_ids"])[:, 0, 0])
 
 
 def test_tuned_lens_command_refuses_before_load(tmp_path, capsys):
