@@ -132,6 +132,9 @@ def test_translator_i_reads_hidden_state_i(trained):
             plain = lens_from_tokens(model.params, tokens, config=cfg, positions="all", k=3, embedding=True)
             np.testing.assert_allclose(np.asarray(out["kl"]), np.asarray(plain["kl"]), atol=1e-6)
             np.testing.assert_array_equal(np.asarray(out["top_ids"]), np.asarray(plain["top_ids"]))
+    old_count = {"A": random_tr["A"][1:], "b": random_tr["b"][1:]}  # one short: the old per-block layout minus one
+    with pytest.raises(ValueError, match="one per hidden state the tuned lens reads"):
+        lens_from_tokens(model.params, tokens, config=cfg, translators=old_count)
 
 
 def test_save_load_round_trip(trained, tmp_path):
