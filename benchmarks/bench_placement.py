@@ -45,7 +45,7 @@ def main() -> None:
     texts = [template.lettered_text(i) for i in zh] * 2
     tokens, mask = model.encode(texts)
     vectors = steer.language_vectors(model, items, template, batch_rows=R)
-    blocks = tuned_lens.pack(model, texts * 4, batch=R, length=32)[:2]
+    blocks = tuned_lens.token_blocks(model, texts * 4, batch=R, length=32)[:2]
     try:
         from jaxlens.methods.readout import lens_grid
     except ImportError:  # before issue 11 the grid lived in the command

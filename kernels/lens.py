@@ -384,12 +384,16 @@ def _positions(mask, positions):
 
 
 def lens_from_tokens(params, tokens, mask=None, *, config: ModelConfig, layers=None, positions="last", k: int = 5,
-                     targets=None, token_sets=None, translators=None, chunk: int = 4096, tile_rows: int = 256,
-                     mesh: Mesh | None = None) -> dict:
+                     targets=None, token_sets=None, translators=None, embedding: bool = False, chunk: int = 4096,
+                     tile_rows: int = 256, mesh: Mesh | None = None) -> dict:
     """Forward pass and logit lens in ONE jitted program: tokens [B, T] -> the lens outputs at
     `layers` (default all; a sequence of block indices) and `positions` ('last', 'all', or [B, P]
     int). The KL reference is always the model's last layer (appended internally when not asked).
-    translators: the tuned lens for ALL n_layers blocks ({A [n_layers, D, D], b [n_layers, D]}).
+    embedding: also read the embedding output (`embed`, HF's hidden_states[0]) as the FIRST row of
+    every output (then [1 + len(layers), ...]).
+    translators: the tuned lens in the reference's layout (`hidden_states`): {A [n_layers, D, D],
+    b [n_layers, D]}, translator 0 for the embedding output and i for block i - 1's output; the last
+    block's output is the model's own and reads no translator.
     Returns `logit_lens`'s dict plus "positions" [B, P] and "valid" [B, P]; the model's own logits
     are never computed (XLA drops the unused head of the forward)."""
     from jaxlens.core.forward import check_tokens
@@ -407,32 +411,54 @@ def lens_from_tokens(params, tokens, mask=None, *, config: ModelConfig, layers=N
             raise ValueError(f"positions must be 'last', 'all' or [batch, positions] ints; got shape {tuple(positions.shape)}")
     if targets is not None:
         targets = jnp.asarray(targets, jnp.int32)
+    D = config.d_model
+    if translators is not None and (tuple(translators["A"].shape) != (n, D, D) or tuple(translators["b"].shape) != (n, D)):
+        raise ValueError(
+            f"translators must hold A [{n}, {D}, {D}] and b [{n}, {D}]: one per hidden state the tuned lens reads (the "
+            f"embedding output and blocks 0..{n - 2}); got A {tuple(translators['A'].shape)}, b {tuple(translators['b'].shape)}"
+        )
     if mesh is None:
         mesh = params_mesh(params)
     return _lens_from_tokens(params, tokens, mask, None if isinstance(positions, str) else positions, targets, token_sets,
                              translators, config=config, layers=layers, mode=positions if isinstance(positions, str) else None,
-                             k=k, chunk=chunk, tile_rows=tile_rows, mesh=mesh)
+                             embedding=bool(embedding), k=k, chunk=chunk, tile_rows=tile_rows, mesh=mesh)
 
 
-@partial(jax.jit, static_argnames=("config", "layers", "mode", "k", "chunk", "tile_rows", "mesh"))
-def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, translators, *, config, layers, mode, k, chunk,
-                      tile_rows, mesh):
+def hidden_states(sites):
+    """HF's output_hidden_states[:-1] from captured `embed` and `resid_post`: [L, B, T, D], row 0 the
+    embedding output and row i block i - 1's output. These are the L states the tuned lens translates
+    (the reference's index i); the last block's output, the model's own, is left out."""
+    return jnp.concatenate([sites["embed"][None], sites["resid_post"][:-1]], axis=0)
+
+
+def translators_at_blocks(translators):
+    """Tuned-lens translators (index 0 the embedding output, i block i - 1) re-indexed by block output:
+    block l reads translator l + 1; the last block, the model's own output, the identity (zeros)."""
+    return jax.tree.map(lambda a: jnp.concatenate([a[1:], jnp.zeros_like(a[:1])], axis=0), translators)
+
+
+@partial(jax.jit, static_argnames=("config", "layers", "mode", "embedding", "k", "chunk", "tile_rows", "mesh"))
+def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, translators, *, config, layers, mode, embedding,
+                      k, chunk, tile_rows, mesh):
     from jaxlens.core.forward import forward
     from jaxlens.core.sharding import constrain_batch
 
     tokens, mask = constrain_batch(mesh, tokens, mask)  # host arrays in: the batch still splits
-    _, sites = forward(params, tokens, mask, config=config, capture=("resid_post",))
+    _, sites = forward(params, tokens, mask, config=config, capture=("embed", "resid_post") if embedding else ("resid_post",))
     index, valid = _positions(mask, mode if mode is not None else positions)
     read = layers if layers[-1] == config.n_layers - 1 else layers + (config.n_layers - 1,)  # + the reference
     resid = sites["resid_post"][jnp.asarray(read)]  # [L', B, T, D]
-    resid = jnp.take_along_axis(resid, index[None, :, :, None], axis=2)  # [L', B, P, D]
     if translators is not None:
-        translators = jax.tree.map(lambda a: a[jnp.asarray(read)], translators)
+        at_blocks = jax.tree.map(lambda a: a[jnp.asarray(read)], translators_at_blocks(translators))
+        translators = jax.tree.map(lambda e, a: jnp.concatenate([e[:1], a]), translators, at_blocks) if embedding else at_blocks
+    if embedding:
+        resid = jnp.concatenate([sites["embed"][None], resid], axis=0)
+    resid = jnp.take_along_axis(resid, index[None, :, :, None], axis=2)  # [L', B, P, D]
     if targets is not None and targets.ndim == 3 and targets.shape[1] != index.shape[1]:
         raise ValueError(f"targets [B, P, n] must have P = {index.shape[1]} positions; got {tuple(targets.shape)}")
     out = _lens(params, resid, valid, targets, token_sets, None, translators, config=config, k=k, chunk=chunk,
                 tile_rows=tile_rows, mesh=mesh)
-    out = {name: v[: len(layers)] for name, v in out.items()}  # drop the appended reference
+    out = {name: v[: embedding + len(layers)] for name, v in out.items()}  # drop the appended reference
     return {**out, "positions": index, "valid": valid}
 
 

@@ -93,9 +93,11 @@ def read_last_token(
     return Readout(set_probs, got["entropy"], got["top1"], got.get("resid"))
 
 
-def lens_grid(model, prompts: Sequence[str], k: int, batch_size: int = 8, progress: bool = True, translators=None) -> list[dict]:
+def lens_grid(model, prompts: Sequence[str], k: int, batch_size: int = 8, progress: bool = True, translators=None,
+              embedding: bool = False) -> list[dict]:
     """Per prompt: input_ids [T], top_ids / top_probs [L, T, k], entropy [L, T] at every position
-    (the fused kernel; with `translators`, the tuned lens), in bucketed batches over the mesh."""
+    (the fused kernel; with `translators`, the tuned lens), in bucketed batches over the mesh.
+    embedding: the embedding output first, then the L blocks ([1 + L, T, ...])."""
     from jaxlens.kernels.lens import lens_from_tokens
     from jaxlens.runtime.batching import text_batches
     from jaxlens.runtime.loop import stream
@@ -105,7 +107,8 @@ def lens_grid(model, prompts: Sequence[str], k: int, batch_size: int = 8, progre
     keep = ("top_ids", "top_probs", "entropy")
 
     def step(b, tokens, mask):
-        out = lens_from_tokens(model.params, tokens, mask, config=model.config, positions="all", k=k, translators=translators)
+        out = lens_from_tokens(model.params, tokens, mask, config=model.config, positions="all", k=k, translators=translators,
+                               embedding=embedding)
         return {name: out[name] for name in keep}
 
     results = []

@@ -1,16 +1,19 @@
-"""Tuned lens (Belrose et al. 2303.08112): one affine translator per layer, trained on the KL to the
-model's own output, read through the same fused kernel as the logit lens.
+"""Tuned lens (Belrose et al. 2303.08112): one affine translator per hidden state, trained on the KL
+to the model's own output, read through the same fused kernel as the logit lens.
 
     translators, log = train(model, texts, steps=40, batch=4, length=64)
     save("out/tuned", translators, model_name="gemma3-270m", log=log)
     out = lens_from_tokens(model.params, tokens, mask, config=model.config, translators=load("out/tuned"))
 
-Translator of layer l: h -> h + A_l h + b_l before the final norm, A [L, D, D] and b [L, D] zero at
-the start (so training starts from the logit lens). The last layer keeps A = b = 0: its lens is the
-model. Loss: KL(final || lens) per position, averaged over real tokens and over the layers but the
-last. Optimiser (METHODS.md §A): SGD with Nesterov momentum 0.9, lr 0.1, weight decay 1e-3 (added
-to the gradient, as torch's SGD does), learning rate decayed linearly to 0; ours also clips the
-gradient's global norm to 1 [inferred: without it SGD diverged on tiny and real models alike]. The paper's budget (250
+Layout, as the reference (AlignmentResearch/tuned-lens, TunedLens.layer_translators): an L-layer
+model has L translators, one per entry of HF's hidden_states[:-1]: index 0 the embedding output,
+index i block i - 1's output (`kernels.lens.hidden_states`). The last block's output is the model's
+own and has none. Translator i: h -> h + A_i h + b_i before the final norm, A [L, D, D] and b [L, D]
+zero at the start (the logit lens). Loss (train_loop.Train.execute): per layer KL(final || lens)
+averaged over the tokens, SUMMED over the layers (the reference back-propagates each layer's loss
+separately, so their gradients add). Optimiser (ingredients.Optimizer): SGD with Nesterov momentum
+0.9, lr 0.1 (its lr_scale x (1 - momentum)), weight decay 1e-3 added to the gradient as torch's SGD
+does, the gradient's global norm clipped to 1 first, linear decay to 0. The paper's budget (250
 steps of 2^18 tokens) is a parameter: on CPU a few thousand tokens already move the KL a lot.
 """
 
@@ -27,21 +30,25 @@ import numpy as np
 import optax
 
 from jaxlens.core.config import ModelConfig
-from jaxlens.kernels.lens import logits_of
+from jaxlens.kernels.lens import hidden_states, logits_of
 
 META_FILE = "tuned_lens.json"
+# 2: L translators, index 0 the embedding output, i block i - 1 (the reference's), trained on the summed
+# KL. Directories without it hold 1's: one per block output 0..L-1, so every index means another layer.
+FORMAT_VERSION = 2
+RETRAIN = "jaxlens tuned-lens --model MODEL --out DIR"
 
 
 def init_translators(config: ModelConfig, dtype=jnp.float32) -> dict:
-    """Zero translators for every layer: {A [L, D, D], b [L, D]} (the logit lens)."""
+    """Zero translators, one per hidden state read (the embedding output, blocks 0..L-2):
+    {A [L, D, D], b [L, D]} (the logit lens)."""
     L, D = config.n_layers, config.d_model
     return {"A": jnp.zeros((L, D, D), dtype), "b": jnp.zeros((L, D), dtype)}
 
 
 def optimizer(steps: int, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-3, clip: float | None = 1.0):
-    """SGD, Nesterov momentum, weight decay added to the gradient, linear decay to 0; the gradient's
-    global norm clipped to `clip` first (None: off): residual norms differ by orders of magnitude
-    between models and layers, and unclipped SGD diverges on a budget of a few steps."""
+    """SGD, Nesterov momentum, weight decay added to the (clipped) gradient, linear decay to 0, as the
+    reference's train loop; the gradient's global norm is clipped to `clip` first (None: off)."""
     schedule = optax.linear_schedule(lr, 0.0, max(steps, 1))
     parts = [optax.clip_by_global_norm(clip)] if clip is not None else []
     parts += [optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum, nesterov=True)]
@@ -55,40 +62,42 @@ def _layer_kl(params, config, h, A, b, logp_final):
     return jnp.sum(jnp.exp(logp_final) * (logp_final - logp), axis=-1)  # [N]
 
 
-def kl_per_layer(translators, params, resid, logp_final, weights, config: ModelConfig):
-    """Mean KL per layer [L] over weighted tokens. resid [L, N, D]; logp_final [N, V]; weights [N].
+def kl_per_layer(translators, params, hidden, logp_final, weights, config: ModelConfig):
+    """Mean KL per layer [L] over weighted tokens. hidden [L, N, D] (`hidden_states`); logp_final
+    [N, V]; weights [N] (the reference's plain mean over tokens when all are 1: it trains on packed
+    text, no padding).
 
     The layers go one at a time (lax.map) and each is rematerialised in the backward pass, so the
     peak memory is a few [N, V] arrays, never [L, N, V]."""
     layer = jax.checkpoint(partial(_layer_kl, params, config, logp_final=logp_final))
-    kl = jax.lax.map(lambda a: layer(*a), (resid, translators["A"], translators["b"]))  # [L, N]
+    kl = jax.lax.map(lambda a: layer(*a), (hidden, translators["A"], translators["b"]))  # [L, N]
     return (kl * weights).sum(-1) / jnp.maximum(weights.sum(), 1.0)
+
+
+def loss(translators, params, hidden, logp_final, weights, config: ModelConfig):
+    """The training loss: the SUM over layers of each layer's mean KL, as the reference (each layer's
+    loss back-propagated on its own, so the gradients add). Returns (loss, per-layer KL [L])."""
+    per_layer = kl_per_layer(translators, params, hidden, logp_final, weights, config)
+    return per_layer.sum(), per_layer
 
 
 @partial(jax.jit, static_argnames=("config", "opt"))
 def _step(translators, opt_state, params, tokens, mask, *, config: ModelConfig, opt):
     from jaxlens.core.forward import forward
 
-    logits, sites = forward(params, tokens, mask, config=config, capture=("resid_post",))
-    L, B, T, D = sites["resid_post"].shape
-    resid = jax.lax.stop_gradient(sites["resid_post"][:-1].reshape(L - 1, B * T, D))  # the last layer is fixed
-    logp_final = jax.lax.stop_gradient(jax.nn.log_softmax(logits.reshape(B * T, -1), axis=-1))
+    logits, sites = forward(params, tokens, mask, config=config, capture=("embed", "resid_post"))
+    hidden = hidden_states(sites)  # [L, B, T, D]
+    L, B, T, D = hidden.shape
+    hidden = jax.lax.stop_gradient(hidden.reshape(L, B * T, D))
+    logp_final = jax.lax.stop_gradient(jax.nn.log_softmax(logits.reshape(B * T, -1).astype(jnp.float32), axis=-1))
     weights = mask.reshape(-1).astype(jnp.float32)
-
-    def loss(tr):
-        head = {"A": tr["A"][:-1], "b": tr["b"][:-1]}
-        per_layer = kl_per_layer(head, params, resid, logp_final, weights, config)
-        return per_layer.mean(), per_layer
-
-    (value, per_layer), grads = jax.value_and_grad(loss, has_aux=True)(translators)
+    (value, per_layer), grads = jax.value_and_grad(loss, has_aux=True)(translators, params, hidden, logp_final, weights,
+                                                                        config)
     updates, opt_state = opt.update(grads, opt_state, translators)
-    translators = optax.apply_updates(translators, updates)
-    # The last layer's translator stays the identity (weight decay of zeros is zero, but be exact).
-    translators = {"A": translators["A"].at[-1].set(0), "b": translators["b"].at[-1].set(0)}
-    return translators, opt_state, value, per_layer
+    return optax.apply_updates(translators, updates), opt_state, value, per_layer
 
 
-def pack(model, texts, batch: int, length: int, limit_tokens: int | None = None):
+def token_blocks(model, texts, batch: int, length: int, limit_tokens: int | None = None):
     """Texts -> [n, batch, length] int32 blocks of one token stream (each text with its BOS), as
     the tuned lens trains: no padding. Stops at limit_tokens."""
     stream = []
@@ -112,24 +121,25 @@ def default_texts(split: str = "test") -> list[str]:
 
 @partial(jax.jit, static_argnames=("config",))
 def _moments(params, tokens, weights, *, config: ModelConfig):
-    """Sums for the least-squares fit of h_L from [h_l, 1]: X^T X [L, D+1, D+1], X^T Y [L, D+1, D]."""
+    """Sums for the least-squares fit of the last block's output from [h_i, 1], h_i the L hidden
+    states the translators read: X^T X [L, D+1, D+1], X^T Y [L, D+1, D]."""
     from jaxlens.core.forward import forward
 
-    _, sites = forward(params, tokens, jnp.ones_like(tokens), config=config, capture=("resid_post",))
-    resid = sites["resid_post"].astype(jnp.float32)  # [L, B, T, D]
-    L, B, T, D = resid.shape
-    x = jnp.concatenate([resid, jnp.ones((L, B, T, 1), jnp.float32)], -1).reshape(L, B * T, D + 1)
+    _, sites = forward(params, tokens, jnp.ones_like(tokens), config=config, capture=("embed", "resid_post"))
+    hidden = hidden_states(sites).astype(jnp.float32)  # [L, B, T, D]
+    L, B, T, D = hidden.shape
+    x = jnp.concatenate([hidden, jnp.ones((L, B, T, 1), jnp.float32)], -1).reshape(L, B * T, D + 1)
     x = x * weights.reshape(1, -1, 1)
-    y = resid[-1].reshape(B * T, D)
+    y = sites["resid_post"][-1].astype(jnp.float32).reshape(B * T, D)
     return jnp.einsum("lni,lnj->lij", x, x), jnp.einsum("lni,nj->lij", x, y)
 
 
 def fit_shortcut(params, config: ModelConfig, blocks, ridge: float = 1e-3) -> dict:
-    """Translators fitted in closed form so that h + A h + b best predicts the last layer's residual
-    (least squares, ridge `ridge` x the mean diagonal; Din et al. 2023's linear shortcut). Costs only
-    forward passes, so it uses far more tokens than SGD can on a CPU; a starting point for `fit`.
-    BOS positions are left out: their residuals are orders of magnitude larger in some models and
-    would dominate the fit."""
+    """Translators fitted in closed form so that h_i + A_i h_i + b_i best predicts the last block's
+    output, for each of the L hidden states (least squares, ridge `ridge` x the mean diagonal; Din et
+    al. 2023's linear shortcut). Costs only forward passes, so it uses far more tokens than SGD can
+    on a CPU; a starting point for `fit` (ours: the reference starts from zero). BOS positions are
+    left out: their residuals are orders of magnitude larger in some models and would dominate."""
     from jaxlens.runtime.loop import stream
 
     blocks = np.asarray(blocks, np.int32)
@@ -143,15 +153,14 @@ def fit_shortcut(params, config: ModelConfig, blocks, ridge: float = 1e-3) -> di
     reg = ridge * np.trace(xtx, axis1=1, axis2=2)[:, None, None] / (D + 1) * np.eye(D + 1)
     sol = np.linalg.solve(xtx + reg, xty)  # [L, D+1, D]: rows are M^T then b, with M = I + A
     A = sol[:, :D].transpose(0, 2, 1) - np.eye(D)
-    A[-1], b = 0.0, sol[:, D].copy()
-    b[-1] = 0.0
-    return {"A": jnp.asarray(A, jnp.float32), "b": jnp.asarray(b, jnp.float32)}
+    return {"A": jnp.asarray(A, jnp.float32), "b": jnp.asarray(sol[:, D], jnp.float32)}
 
 
 def fit(params, config: ModelConfig, blocks, *, steps: int = 40, lr: float = 0.1, momentum: float = 0.9,
         weight_decay: float = 1e-3, clip: float | None = 1.0, translators=None, progress: bool = True):
     """Train translators on token blocks [n, batch, length] for `steps` steps (cycling through the
-    blocks). Returns (translators, log) with log = {"loss": [...], "tokens": n, "seconds": s}."""
+    blocks). Returns (translators, log) with log = {"loss": [...] (the summed KL per step), "tokens": n,
+    "seconds": s}."""
     from jaxlens.runtime.loop import accumulate
 
     blocks = np.asarray(blocks, np.int32)
@@ -163,8 +172,8 @@ def fit(params, config: ModelConfig, blocks, *, steps: int = 40, lr: float = 0.1
 
     def one(i, state, tokens, mask):  # the losses stay on device until the end: no per-step sync
         translators, opt_state, losses = state
-        translators, opt_state, loss, _ = _step(translators, opt_state, params, tokens, mask, config=config, opt=opt)
-        return translators, opt_state, losses.at[i].set(loss)
+        translators, opt_state, value, _ = _step(translators, opt_state, params, tokens, mask, config=config, opt=opt)
+        return translators, opt_state, losses.at[i].set(value)
 
     t0 = time.perf_counter()
     state = (translators, opt.init(translators), jnp.zeros(steps, jnp.float32))
@@ -178,23 +187,25 @@ def train(model, texts, *, steps: int = 40, batch: int = 4, length: int = 64, sh
     """`fit` on texts packed into batch x length blocks (the token budget is steps x batch x length).
     shortcut_tokens > 0: start from `fit_shortcut` on that many tokens instead of zero."""
     if shortcut_tokens:
-        start = pack(model, texts, batch, length, limit_tokens=shortcut_tokens)
+        start = token_blocks(model, texts, batch, length, limit_tokens=shortcut_tokens)
         kw["translators"] = fit_shortcut(model.params, model.config, start)
-    blocks = pack(model, texts, batch, length, limit_tokens=steps * batch * length)
     if not steps:
         return kw.get("translators", init_translators(model.config)), {"loss": [], "tokens": 0, "seconds": 0.0}
+    blocks = token_blocks(model, texts, batch, length, limit_tokens=steps * batch * length)
     return fit(model.params, model.config, blocks, steps=steps, **kw)
 
 
 def kl_by_layer(params, config: ModelConfig, blocks, translators=None) -> np.ndarray:
-    """Mean KL(final || lens) per layer [L] over token blocks [n, batch, length], through the fused
+    """Mean KL(final || lens) [L] over token blocks [n, batch, length] at the L hidden states the
+    translators read (index 0 the embedding output, i block i - 1's output), through the fused
     kernel (translators=None: the logit lens)."""
     from jaxlens.kernels.lens import lens_from_tokens
     from jaxlens.runtime.loop import stream
 
     blocks = np.asarray(blocks, np.int32)
-    step = lambda i, tokens: lens_from_tokens(params, tokens, None, config=config, positions="all", k=1,  # noqa: E731
-                                              translators=translators)["kl"].mean(axis=(1, 2))
+    blocks_read = tuple(range(config.n_layers - 1))
+    step = lambda i, tokens: lens_from_tokens(params, tokens, None, config=config, layers=blocks_read, embedding=True,  # noqa: E731
+                                              positions="all", k=1, translators=translators)["kl"].mean(axis=(1, 2))
     total = sum(kl for _, kl in stream(range(len(blocks)), step, mesh=_mesh(params), inputs=lambda i: (blocks[i],),
                                        progress=False, size=lambda i: 0))
     return total / len(blocks)
@@ -206,15 +217,15 @@ def _mesh(params):
     return params_mesh(params) or default_mesh()
 
 
-def evaluate(model, texts, translators=None, *, batch: int = 4, length: int = 64, max_batches: int = 4) -> np.ndarray:
+def kl_on_texts(model, texts, translators=None, *, batch: int = 4, length: int = 64, max_batches: int = 4) -> np.ndarray:
     """`kl_by_layer` on held-out texts."""
-    blocks = pack(model, texts, batch, length, limit_tokens=max_batches * batch * length)[:max_batches]
+    blocks = token_blocks(model, texts, batch, length, limit_tokens=max_batches * batch * length)[:max_batches]
     return kl_by_layer(model.params, model.config, blocks, translators)
 
 
 def save(out, translators, *, model_name: str | None = None, config: ModelConfig | None = None, log: dict | None = None) -> Path:
-    """Orbax checkpoint of the translators plus a JSON of what they were trained on, written to
-    OUT.partial and renamed into place (a failed save leaves nothing)."""
+    """Orbax checkpoint of the translators plus a JSON of their format and what they were trained on,
+    written to OUT.partial and renamed into place (a failed save leaves nothing)."""
     import orbax.checkpoint as ocp
 
     from jaxlens.report.io import output_dir
@@ -222,72 +233,45 @@ def save(out, translators, *, model_name: str | None = None, config: ModelConfig
     with output_dir(out) as tmp:
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(tmp / "translators", translators)
-        meta = {"model": model_name, "n_layers": int(translators["A"].shape[0]), "d_model": int(translators["A"].shape[1]),
+        L, D = int(translators["A"].shape[0]), int(translators["A"].shape[1])
+        meta = {"format": FORMAT_VERSION, "layout": "translator 0: the embedding output (hidden_states[0]); i: block i-1's output",
+                "model": model_name, "n_layers": L, "n_translators": L, "d_model": D,
                 "config": json.loads(config.to_json()) if config is not None else None, "log": log}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     return Path(out)
 
 
+def check(directory, config: ModelConfig | None = None) -> tuple[Path, dict]:
+    """(the translators' directory, their metadata), or a clear error: not a tuned lens, an old format
+    (retrain), or (with `config`) trained for another model. Reads only the JSON: cheap enough to run
+    before a model loads. A `jaxlens tuned-lens --out` directory is accepted for its translators/."""
+    directory = Path(directory).absolute()
+    if not (directory / META_FILE).exists() and (directory / "translators" / META_FILE).exists():
+        directory = directory / "translators"
+    if not (directory / META_FILE).exists():
+        raise FileNotFoundError(f"{directory} is not a tuned lens (no {META_FILE}); train one: {RETRAIN}")
+    meta = json.loads((directory / META_FILE).read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"tuned lens {directory} has format {meta.get('format', 1)}; this jaxlens reads format {FORMAT_VERSION} "
+            f"(one translator for the embedding output and one per block output 0..L-2, trained on the summed KL, as the "
+            f"reference tuned-lens; format 1 had one per block output 0..L-1, so its indices mean other layers). "
+            f"Retrain it: {RETRAIN}"
+        )
+    if config is not None and (meta["n_translators"], meta["d_model"]) != (config.n_layers, config.d_model):
+        raise ValueError(
+            f"tuned lens {directory} has {meta['n_translators']} translators of width {meta['d_model']}; the model "
+            f"needs {config.n_layers} (one per layer) of width {config.d_model}: train one for this model ({RETRAIN})"
+        )
+    return directory, meta
+
+
 def load(directory, config: ModelConfig | None = None) -> dict:
-    """Translators saved by `save`; with `config`, checked against the model's layers and width."""
+    """Translators saved by `save` (`check`ed first; with `config`, against the model's layers and width)."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
-    if not (directory / META_FILE).exists():
-        raise FileNotFoundError(f"{directory} is not a tuned lens (no {META_FILE}); train one with jaxlens.methods.tuned_lens.train/save")
-    meta = json.loads((directory / META_FILE).read_text())
-    if config is not None and (meta["n_layers"], meta["d_model"]) != (config.n_layers, config.d_model):
-        raise ValueError(
-            f"tuned lens {directory} has {meta['n_layers']} layers of width {meta['d_model']}; the model has "
-            f"{config.n_layers} of width {config.d_model}: train one for this model"
-        )
-    L, D = meta["n_layers"], meta["d_model"]
+    directory, meta = check(directory, config)
+    L, D = meta["n_translators"], meta["d_model"]
     target = {"A": jax.ShapeDtypeStruct((L, D, D), jnp.float32), "b": jax.ShapeDtypeStruct((L, D), jnp.float32)}
     with ocp.StandardCheckpointer() as ckpt:
         return ckpt.restore(directory / "translators", target)
-
-
-def main(argv=None) -> int:
-    """python -m jaxlens.methods.tuned_lens --model gemma3-270m --out DIR: fit the linear shortcut, then SGD
-    on the KL; print and save the per-layer KL on held-out XCOPA (val) text, logit vs tuned lens."""
-    import argparse
-
-    import jaxlens
-    from jaxlens.report.io import write_json
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--model", default="gemma3-270m")
-    p.add_argument("--out", required=True, help="directory for the translators (orbax) and kl.json")
-    p.add_argument("--shortcut-tokens", type=int, default=2048, help="tokens for the closed-form start (0: start from zero)")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--length", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--eval-tokens", type=int, default=256)
-    args = p.parse_args(argv)
-
-    model = jaxlens.load(args.model)
-    texts, held = default_texts("test"), default_texts("val")
-    held_blocks = pack(model, held, 2, 64, limit_tokens=args.eval_tokens)[: max(1, args.eval_tokens // 128)]
-    translators = init_translators(model.config)
-    if args.shortcut_tokens:
-        translators = fit_shortcut(model.params, model.config, pack(model, texts, 4, 64, limit_tokens=args.shortcut_tokens))
-    shortcut_kl = kl_by_layer(model.params, model.config, held_blocks, translators)
-    log = {"loss": [], "tokens": 0, "seconds": 0.0}
-    if args.steps:  # SGD text from the other end of the corpus than the shortcut's
-        blocks = pack(model, texts[::-1], args.batch, args.length, limit_tokens=args.steps * args.batch * args.length)
-        translators, log = fit(model.params, model.config, blocks, steps=args.steps, lr=args.lr, translators=translators)
-    logit = kl_by_layer(model.params, model.config, held_blocks)
-    tuned = kl_by_layer(model.params, model.config, held_blocks, translators)
-    save(Path(args.out) / "translators", translators, model_name=args.model, config=model.config, log=log)
-    result = {"model": args.model, "args": vars(args), "held_out_tokens": int(held_blocks.size), "logit_lens": logit.tolist(),
-              "shortcut_only": shortcut_kl.tolist(), "tuned_lens": tuned.tolist(), "sgd": log}
-    write_json(Path(args.out) / "kl.json", result)
-    print("layer  logit-lens  shortcut  tuned-lens   KL(final || lens), nats, held-out XCOPA val")
-    for i, (a, b, c) in enumerate(zip(logit, shortcut_kl, tuned)):
-        print(f"{i:>5}  {a:>10.3f}  {b:>8.3f}  {c:>10.3f}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

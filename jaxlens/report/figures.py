@@ -84,9 +84,11 @@ def layer_curves(path, bands: Mapping[str, tuple], title: str, ylabel: str = "pr
     return _save(fig, path)
 
 
-def token_grid(path, tokens: Sequence[Sequence[str]], probs, columns: Sequence[str], title: str) -> Path:
+def token_grid(path, tokens: Sequence[Sequence[str]], probs, columns: Sequence[str], title: str,
+               row_labels: Sequence[str] | None = None) -> Path:
     """The lens grid: rows = layers (0 at the bottom), columns = positions; each cell shows the
-    top-1 token read there, coloured by its probability. tokens [L][T] str, probs [L, T]."""
+    top-1 token read there, coloured by its probability. tokens [L][T] str, probs [L, T];
+    row_labels: the rows' names (default 0..L-1)."""
     plt = _pyplot()
     probs = np.asarray(probs, dtype=float)
     L, T = probs.shape
@@ -97,7 +99,7 @@ def token_grid(path, tokens: Sequence[Sequence[str]], probs, columns: Sequence[s
             ax.text(pos, layer, _short(tokens[layer][pos]), ha="center", va="center", fontsize=7,
                     color="white" if probs[layer, pos] > 0.6 else "black")
     ax.set_xticks(range(T), [_short(c) for c in columns], rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(L), [str(i) for i in range(L)], fontsize=7)
+    ax.set_yticks(range(L), list(row_labels) if row_labels is not None else [str(i) for i in range(L)], fontsize=7)
     ax.set(xlabel="input token (the cell is the next token read at that layer)", ylabel="layer", title=title)
     fig.colorbar(image, ax=ax, label="top-1 probability", fraction=0.03)
     fig.tight_layout()
