@@ -63,7 +63,7 @@ def probes(name: str, mesh) -> dict:
     # Neuron statistics (accumulate: device state across batches), exact counts.
     corpus = {"fr": N.Corpus(tuple(("", f"le chat {i} dort sur le tapis") for i in range(24))),
               "de": N.Corpus(tuple(("frage", f"die katze {i} schläft") for i in range(24)))}
-    batches = N.make_batches(model, corpus, seq_len=16, batch_size=8)
+    batches = N.corpus_batches(model, corpus, seq_len=16, batch_size=8)
     results |= {f"neurons/{k}": v for k, v in N.collect(model, batches, progress=False).items()}
     # ... and killed after batch 2 with orbax checkpoints every batch (written by every process into one
     # shared directory), then run again: it resumes and ends with the same counts.
