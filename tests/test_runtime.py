@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bucket_and_padding():
-    assert [bucket(n) for n in (1, 16, 17, 33, 200)] == [16, 16, 32, 40, 256]
+    assert [bucket(n) for n in (1, 16, 17, 25, 33, 200)] == [16, 16, 24, 32, 48, 256]
+    assert all(bucket(n) <= max(16, 1.42 * n + 8) for n in range(1, 5000)), "at most ~sqrt(2) waste, plus rounding to 8"
     assert padded_length(30, limit=20) == 30 and padded_length(10, limit=12) == 12
     tokens, mask = pad_left([[5, 6, 7], [8]], rows=3, length=4, pad_id=0)
     assert tokens.tolist() == [[0, 5, 6, 7], [0, 0, 0, 8], [0, 0, 0, 0]]
