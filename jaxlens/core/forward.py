@@ -59,7 +59,8 @@ def _shared_inputs(cfg: ModelConfig, attention_mask, interventions=None, reducer
     expand = lambda m: m[:, None, None]  # [B,1,1,T,S] broadcast over kv heads and groups  # noqa: E731
     return {
         "positions": positions,  # [B,T] (learned position embeddings)
-        "key_positions": key_positions,  # [B,S] (ALiBi)
+        "key_positions": key_positions,  # [B,S] (ALiBi, sliding windows)
+        "key_mask": full,  # [B,S] bool: real keys (the blocked attention builds its masks from these)
         "cos": cos,
         "sin": sin,
         "cos_local": cos_local,
