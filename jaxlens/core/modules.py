@@ -21,6 +21,7 @@ import numpy as np
 from jaxlens.core.config import ModelConfig
 from jaxlens.core.interventions import apply_at
 from jaxlens.core.rope import alibi_slopes, apply_rope
+from jaxlens.core.sharding import gathered
 from jaxlens.core.sites import LAYER_SITES
 
 # Reducer outputs go to their own collection, under "reducer:<name>" (never a site or module name).
@@ -111,10 +112,13 @@ def softcap(x, cap: float | None):
 def unembed(params, h, cfg: ModelConfig):
     """Final-normed states h [..., D] -> logits [..., V] float32: the (tied or own) unembedding,
     then Gemma 2's final soft-cap. The one place logits are made (forward, lens, scoring)."""
+    # Gathered over fsdp (still split over model), so the batch stays split over data x fsdp.
     if cfg.tie_embeddings:  # contract with the embedding's own [V, D] layout: no transpose copy
-        logits = jnp.einsum("...d,vd->...v", h, params["embedding"].astype(h.dtype), preferred_element_type=jnp.float32)
+        w = gathered("embedding", params["embedding"])
+        logits = jnp.einsum("...d,vd->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
     else:
-        logits = jnp.einsum("...d,dv->...v", h, params["unembed"].astype(h.dtype), preferred_element_type=jnp.float32)
+        w = gathered("unembed", params["unembed"])
+        logits = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
     return softcap(logits, cfg.final_softcap)
 
 
@@ -129,6 +133,7 @@ class Linear(nn.Module):
     def __call__(self, x):
         in_shape = x.shape[x.ndim - self.in_axes :]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (*in_shape, *self.out_shape), x.dtype)
+        kernel = gathered("/".join(self.path) + "/kernel", kernel)  # this layer's weights, whole over fsdp
         letters = "abcdefgh"
         ins, outs = letters[: self.in_axes], letters[self.in_axes : self.in_axes + len(self.out_shape)]
         y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x, kernel.astype(x.dtype))
@@ -318,7 +323,7 @@ class Transformer(nn.Module):
     def __call__(self, tokens, shared, past=None):
         c = self.cfg
         embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.d_model))
-        x = jnp.take(embedding, tokens, axis=0)  # [B,T,D]
+        x = jnp.take(gathered("embedding", embedding), tokens, axis=0)  # [B,T,D]
         if c.embed_scale:
             x = x * jnp.asarray(c.d_model**0.5, dtype=x.dtype)
         if c.positions == "learned":  # GPT-2: + a learned vector per position

@@ -221,7 +221,7 @@ def collect(model, batches: Batches, checkpoint_dir=None, save_every: int = 50, 
     from jaxlens.runtime.loop import Checkpoint, accumulate
 
     cfg, K = model.config, len(batches.languages)
-    step = _stats_step(cfg, with_max)
+    step = _stats_step(cfg, with_max, model.mesh)
     checkpoint = None
     if checkpoint_dir is not None:
         run = {"run": run_meta or {}, "languages": batches.languages, "shape": list(batches.tokens.shape), "with_max": with_max,
@@ -261,18 +261,20 @@ class _BatchView:
 _STEPS: dict = {}
 
 
-def _stats_step(cfg, with_max: bool):
+def _stats_step(cfg, with_max: bool, mesh=None):
     """One jitted program: forward with the reducer, then add into the accumulators."""
     import jax
 
     from jaxlens.kernels.neurons import NeuronStats, update
     from jaxlens.core.forward import forward
+    from jaxlens.core.sharding import weights_mesh
 
-    key = (cfg, with_max)
+    key = (cfg, with_max, mesh)
     if key not in _STEPS:
         def step(params, state, tokens, mask, weights, groups):
             reducer = NeuronStats(groups=groups, weights=weights, with_max=with_max)
-            _, sites = forward(params, tokens, mask, config=cfg, reducers={"neurons": reducer})
+            with weights_mesh(mesh):  # traced params: each layer gathered over fsdp as the scan reaches it
+                _, sites = forward(params, tokens, mask, config=cfg, reducers={"neurons": reducer})
             return update(state, sites["neurons"])
 
         _STEPS[key] = jax.jit(step)
