@@ -419,15 +419,16 @@ def lens_from_tokens(params, tokens, mask=None, *, config: ModelConfig, layers=N
 def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, translators, *, config, layers, mode, k, chunk,
                       tile_rows, mesh):
     from jaxlens.core.forward import forward
+    from jaxlens.core.reducers import Take
     from jaxlens.core.sharding import constrain_batch, weights_mesh
 
     tokens, mask = constrain_batch(mesh, tokens, mask)  # host arrays in: the batch still splits
-    with weights_mesh(mesh):  # traced params: the forward gathers each layer over fsdp as it goes
-        _, sites = forward(params, tokens, mask, config=config, capture=("resid_post",))
     index, valid = _positions(mask, mode if mode is not None else positions)
+    # Each layer keeps only the read positions ([L, B, P, D]), never the whole [L, B, T, D].
+    with weights_mesh(mesh):  # traced params: the forward gathers each layer over fsdp as it goes
+        _, sites = forward(params, tokens, mask, config=config, reducers={"read": Take("resid_post", index)})
     read = layers if layers[-1] == config.n_layers - 1 else layers + (config.n_layers - 1,)  # + the reference
-    resid = sites["resid_post"][jnp.asarray(read)]  # [L', B, T, D]
-    resid = jnp.take_along_axis(resid, index[None, :, :, None], axis=2)  # [L', B, P, D]
+    resid = sites["read"][jnp.asarray(read)]  # [L', B, P, D]
     if translators is not None:
         translators = jax.tree.map(lambda a: a[jnp.asarray(read)], translators)
     if targets is not None and targets.ndim == 3 and targets.shape[1] != index.shape[1]:
