@@ -4,4 +4,4 @@ and sets `run=fn(args) -> exit code`. The CLI imports only the module of the com
 
 # Order here is the order in `jaxlens --help`. Add a command: a module here + its name below.
 COMMANDS = ("lens", "latent_language", "mc_lens", "eval", "neurons", "steer", "transplant", "subspace", "convert", "families",
-            "models")
+            "models", "plan")
