@@ -82,7 +82,7 @@ batches = N.make_batches(single, corpus, seq_len=16, batch_size=8)
 a, b = N.collect(single, batches, progress=False), N.collect(split, batches, progress=False)
 for k in ("active", "tokens"):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-for k in ("sum", "sumsq"):
+for k in ("sum", "m2"):
     assert rel(b[k], a[k]) < 1e-5, (k, rel(b[k], a[k]))
 assert a["tokens"].sum() > 0 and a["active"].sum() > 0
 print("neuron statistics equal")

@@ -215,7 +215,7 @@ def collect(model, batches: Batches, checkpoint_dir=None, save_every: int = 50, 
     With `checkpoint_dir`, the accumulators are saved (orbax) every `save_every` batches and at the
     end; a run started again with the same inputs resumes after the last save and ends with
     bit-identical statistics. `on_batch(i)` is called after batch i is dispatched. Returns numpy
-    {active, tokens, sum, sumsq[, max]} ([L, K, F], tokens [L, K]).
+    {active, tokens, sum, m2[, max]} ([L, K, F], tokens [L, K]).
     """
     from jaxlens.kernels.neurons import empty_state
     from jaxlens.runtime.loop import Checkpoint, accumulate
@@ -303,10 +303,12 @@ def load_stats(path) -> tuple[dict, dict]:
 
 def activation_probs(state: dict) -> np.ndarray:
     """p[l, k, f] = #counted tokens of language k with neuron (l, f) active / #counted tokens."""
-    tokens = np.asarray(state["tokens"], np.float64)
+    from jaxlens.kernels.neurons import counts
+
+    tokens = counts(state, "tokens").astype(np.float64)
     if (tokens == 0).any():
         raise ValueError("a language has no counted tokens; its activation probabilities are undefined")
-    return np.asarray(state["active"], np.float64) / tokens[..., None]
+    return counts(state, "active").astype(np.float64) / tokens[..., None]
 
 
 # ------------------------------------------------------------------------------------------------
