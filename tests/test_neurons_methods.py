@@ -354,3 +354,33 @@ def test_counts_do_not_overflow_at_two_to_the_31():
     np.testing.assert_array_equal(counts(state, "tokens"), np.full((L, K), n * (2**23 + 1), np.int64))
     np.testing.assert_array_equal(counts(state, "active"), np.full((L, K, F), n * 2**23, np.int64))
     assert counts(state, "tokens").max() > 2**31
+
+
+@pytest.mark.parametrize("tied,cap", [(True, None), (False, 2.0)])
+def test_chunked_token_nll_equals_full_logits(tied, cap):
+    """The perplexity step's NLL, vocabulary in chunks (one shorter last chunk), equals
+    logsumexp - gold of the full logits; its compiled step never holds [B, T, V] float32."""
+    import dataclasses
+
+    import jax
+
+    from jaxlens.core.config import ModelConfig
+    from jaxlens.core.forward import init_params, param_shapes, unembed
+    from jaxlens.core.modules import token_nll
+
+    cfg = ModelConfig(family="test", vocab_size=1000, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8,
+                      d_ff=24, max_positions=64, tie_embeddings=tied, final_softcap=cap)
+    params = jax.tree.map(lambda p: 5 * p, init_params(cfg, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 1000, (3, 7)), jnp.int32)
+    logits = unembed(params, h, cfg)
+    want = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(token_nll(params, h, targets, cfg, chunk=128), want, rtol=1e-5, atol=1e-5)
+    # The step (2 ablations vmapped) on a 64k vocabulary: 8 chunks of 8192, never P x [B, T, V].
+    big = dataclasses.replace(cfg, vocab_size=65536)
+    B, T, P = 4, 32, 2
+    shape = jax.ShapeDtypeStruct
+    mem = N._nll_step(big, P).lower(param_shapes(big), shape((B, T), jnp.int32), shape((B, T), jnp.int32),
+                                    shape((B, T), jnp.int32), shape((P, 2, 24), jnp.bool_)).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < P * B * T * big.vocab_size * 4 / 2, mem.temp_size_in_bytes

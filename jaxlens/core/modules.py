@@ -122,6 +122,34 @@ def unembed(params, h, cfg: ModelConfig):
     return softcap(logits, cfg.final_softcap)
 
 
+def token_nll(params, h, targets, cfg: ModelConfig, chunk: int = 8192):
+    """-log p(targets) [B, T] float32 from final-normed states h [B, T, D]: `unembed` then log-
+    softmax, with the vocabulary read `chunk` columns at a time (a running max and sum, one
+    shorter last chunk), so the [B, T, V] float32 logits never exist."""
+    tied = cfg.tie_embeddings
+    w = gathered("embedding", params["embedding"]) if tied else gathered("unembed", params["unembed"])
+    axis, spec = (0, "btd,vd->btv") if tied else (1, "btd,dv->btv")
+
+    def step(carry, start, size):
+        m, total = carry
+        cols = jax.lax.dynamic_slice_in_dim(w, start, size, axis=axis)
+        z = softcap(jnp.einsum(spec, h, cols.astype(h.dtype), preferred_element_type=jnp.float32), cfg.final_softcap)
+        m_new = jnp.maximum(m, z.max(-1))
+        return m_new, total * jnp.exp(m - m_new) + jnp.exp(z - m_new[..., None]).sum(-1)
+
+    n, tail = divmod(cfg.vocab_size, chunk)
+    carry = (jnp.full(h.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(h.shape[:-1], jnp.float32))
+    if n:
+        carry = jax.lax.fori_loop(0, n, lambda i, c: step(c, i * chunk, chunk), carry)
+    if tail:
+        carry = step(carry, n * chunk, tail)
+    m, total = carry
+    gold_w = jnp.take(w, targets, axis=axis)  # [B, T, D] (tied) or [D, B, T]
+    gold_w = gold_w if tied else jnp.moveaxis(gold_w, 0, -1)
+    gold = jnp.einsum("btd,btd->bt", h, gold_w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return m + jnp.log(total) - softcap(gold, cfg.final_softcap)
+
+
 class Linear(nn.Module):
     """x [..., in] -> [..., *out_shape], kernel [in, *out_shape]; einsum so heads stay an axis."""
 

@@ -552,6 +552,7 @@ def _nll_step(cfg, chunk: int):
 
     from jaxlens.core import interventions as iv
     from jaxlens.core.forward import forward
+    from jaxlens.core.modules import token_nll
     from jaxlens.methods.sweep import map_stack
 
     key = ("nll", cfg, chunk)
@@ -561,10 +562,11 @@ def _nll_step(cfg, chunk: int):
             w = (weights[:, 1:] > 0) & (mask[:, :-1] > 0)
 
             def one(ablation):
-                logits, _ = forward(params, tokens, mask, config=cfg, interventions=ablation)
-                logits = logits[:, :-1]  # [B, T-1, V]
-                gold = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-                return jnp.where(w, jax.nn.logsumexp(logits, axis=-1) - gold, 0.0).sum(axis=1)  # [B]
+                # The NLL from the final-normed states, the vocabulary in chunks: never [B, T, V]
+                # float32 logits (XLA drops the forward's own, unused).
+                _, sites = forward(params, tokens, mask, config=cfg, interventions=ablation, capture=("final_norm",))
+                nll = token_nll(params, sites["final_norm"][:, :-1], target, cfg)  # [B, T-1]
+                return jnp.where(w, nll, 0.0).sum(axis=1)  # [B]
 
             stack = jax.vmap(lambda m: iv.ablate("mlp_act", neurons=m))(masks)
             return map_stack(one, stack, chunk), w.sum(axis=1)  # [P, B], [B]
