@@ -65,6 +65,7 @@ def test_every_family_config_round_trips_through_json(tiny_checkpoint):
     assert ModelConfig.from_json(json.dumps(legacy)).norm_placement == "sandwich"
 
 
+@pytest.mark.slow  # ~40-80 s: a subprocess with 8 host devices compiling three probes twice (one device, the mesh)
 def test_fsdp_mesh_matches_one_device(tiny):
     """data=2 x fsdp=2 x model=2: forward with captures, fused lens, neuron statistics equal one
     device's; weights split over fsdp and model and gathered one layer at a time (fsdp_mesh_check.py)."""
