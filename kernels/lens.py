@@ -42,7 +42,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxlens.core.config import ModelConfig
 from jaxlens.core.modules import make_norm, softcap
-from jaxlens.core.sharding import params_mesh
+from jaxlens.core.sharding import batch_spec, params_mesh
 
 OUTPUTS = ("top_ids", "top_probs", "logsumexp", "entropy", "target_probs", "target_ranks", "set_probs", "kl")
 
@@ -343,7 +343,8 @@ def _lens(params, resid, valid, targets, token_sets, final_logits, translators, 
     if mesh is None:
         out = body(**args, axis=None)
     else:
-        data = "data" if B % mesh.shape["data"] == 0 else None
+        batch = batch_spec(mesh, B, warn=False)  # the data axes (data x fsdp) when they divide B
+        data = batch[0] if len(batch) else None
         # Vocabulary over `model` when it divides (as jaxlens.core.sharding places the unembedding).
         vocab = "model" if mesh.shape["model"] > 1 and config.vocab_size % mesh.shape["model"] == 0 else None
         specs = {
@@ -441,19 +442,23 @@ def translators_at_blocks(translators):
 def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, translators, *, config, layers, mode, embedding,
                       k, chunk, tile_rows, mesh):
     from jaxlens.core.forward import forward
-    from jaxlens.core.sharding import constrain_batch
+    from jaxlens.core.reducers import Take
+    from jaxlens.core.sharding import constrain_batch, weights_mesh
 
     tokens, mask = constrain_batch(mesh, tokens, mask)  # host arrays in: the batch still splits
-    _, sites = forward(params, tokens, mask, config=config, capture=("embed", "resid_post") if embedding else ("resid_post",))
     index, valid = _positions(mask, mode if mode is not None else positions)
+    # Each layer keeps only the read positions ([L, B, P, D]), never the whole [L, B, T, D].
+    with weights_mesh(mesh):  # traced params: the forward gathers each layer over fsdp as it goes
+        _, sites = forward(params, tokens, mask, config=config, capture=("embed",) if embedding else (),
+                           reducers={"read": Take("resid_post", index)})
     read = layers if layers[-1] == config.n_layers - 1 else layers + (config.n_layers - 1,)  # + the reference
-    resid = sites["resid_post"][jnp.asarray(read)]  # [L', B, T, D]
+    resid = sites["read"][jnp.asarray(read)]  # [L', B, P, D]
     if translators is not None:
         at_blocks = jax.tree.map(lambda a: a[jnp.asarray(read)], translators_at_blocks(translators))
         translators = jax.tree.map(lambda e, a: jnp.concatenate([e[:1], a]), translators, at_blocks) if embedding else at_blocks
-    if embedding:
-        resid = jnp.concatenate([sites["embed"][None], resid], axis=0)
-    resid = jnp.take_along_axis(resid, index[None, :, :, None], axis=2)  # [L', B, P, D]
+    if embedding:  # [B, T, D] (no layer axis): read at the same positions
+        embed = jnp.take_along_axis(sites["embed"], index[:, :, None], axis=1)  # [B, P, D]
+        resid = jnp.concatenate([embed[None], resid], axis=0)
     if targets is not None and targets.ndim == 3 and targets.shape[1] != index.shape[1]:
         raise ValueError(f"targets [B, P, n] must have P = {index.shape[1]} positions; got {tuple(targets.shape)}")
     out = _lens(params, resid, valid, targets, token_sets, None, translators, config=config, k=k, chunk=chunk,

@@ -12,10 +12,15 @@ counts).
     _, sites = forward(params, tokens, mask, config=cfg, reducers={"neurons": r})
     state = update(state, sites["neurons"])                   # [L, K, F] accumulators, on device
 
-Counts are int32 and exact: each batch's count is a float32 matmul of 0/1 values (exact below
-2**24 = 16.7M tokens per batch, checked), then cast; across batches they add as integers. With the
+Counts are exact: each batch's count is a float32 matmul of 0/1 values (exact below 2**24 =
+16.7M tokens per batch, checked), then cast to int32; the accumulators carry them in two int32
+words (`active` / `tokens` the low 30 bits, `active_hi` / `tokens_hi` the rest: exact to 2**61
+tokens per language, where one int32 would overflow at 2**31); read them with `counts`. With the
 batch sharded over `data`, XLA sums the per-device partial counts, so 1 and 8 devices agree
-exactly. Sums and sums of squares are float32 (mean and variance, not bit-stable across meshes).
+exactly. Sums are float32; the spread is kept as m2, the sum of squared deviations from the
+group's mean (two passes within a batch, Chan et al.'s pairwise merge across batches), never as
+E[x^2] - E[x]^2, which cancels catastrophically for a neuron whose mean is large against its
+spread (mean and variance are not bit-stable across meshes).
 """
 
 from __future__ import annotations
@@ -42,10 +47,12 @@ class NeuronStats:
 
 
 def batch_stats(x, groups, weights, with_max: bool = False) -> dict:
-    """x [B, T, F], groups [B, K], weights [B, T] (0/1) -> {active, tokens, sum, sumsq[, max]}.
+    """x [B, T, F], groups [B, K] (each row in at most one group), weights [B, T] (0/1) ->
+    {active, tokens, sum, m2[, max]}.
 
     active [K, F] int32: counted tokens with x > 0; tokens [K] int32: counted tokens;
-    sum, sumsq [K, F] float32; max [K, F] float32 (-inf for a group with no token).
+    sum [K, F] float32; m2 [K, F] float32: sum over counted tokens of (x - group mean)^2;
+    max [K, F] float32 (-inf for a group with no token).
     """
     B, T, F = x.shape
     if B * T >= _EXACT_F32:
@@ -55,11 +62,15 @@ def batch_stats(x, groups, weights, with_max: bool = False) -> dict:
     gw = g[:, None, :] * w[:, :, None]  # [B, T, K] weight of each token in each group
     x32 = x.astype(jnp.float32)
     dot = lambda a: jnp.einsum("btk,btf->kf", gw, a, preferred_element_type=jnp.float32)  # noqa: E731
+    count = gw.sum(axis=(0, 1))  # [K]
+    total = dot(x32)
+    mean = total / jnp.maximum(count, 1.0)[:, None]  # [K, F]
+    centred = x32 - (g @ mean)[:, None, :]  # each row less its group's mean (second pass)
     stats = {
         "active": jnp.round(dot((x32 > 0).astype(jnp.float32))).astype(jnp.int32),
-        "tokens": jnp.round(gw.sum(axis=(0, 1))).astype(jnp.int32),
-        "sum": dot(x32),
-        "sumsq": dot(x32 * x32),
+        "tokens": jnp.round(count).astype(jnp.int32),
+        "sum": total,
+        "m2": dot(centred * centred),
     }
     if with_max:
         # Each sequence has one group, so reduce tokens first ([B, F]), then sequences per group.
@@ -69,32 +80,62 @@ def batch_stats(x, groups, weights, with_max: bool = False) -> dict:
 
 
 def empty_state(n_layers: int, n_groups: int, d_ff: int, with_max: bool = False) -> dict:
-    """Zero accumulators: active/sum/sumsq[/max] [L, K, F], tokens [L, K]."""
+    """Zero accumulators: active/active_hi/sum/m2[/max] [L, K, F], tokens/tokens_hi [L, K]."""
     L, K, F = n_layers, n_groups, d_ff
     state = {
         "active": jnp.zeros((L, K, F), jnp.int32),
         "tokens": jnp.zeros((L, K), jnp.int32),
         "sum": jnp.zeros((L, K, F), jnp.float32),
-        "sumsq": jnp.zeros((L, K, F), jnp.float32),
+        "m2": jnp.zeros((L, K, F), jnp.float32),
+        "active_hi": jnp.zeros((L, K, F), jnp.int32),
+        "tokens_hi": jnp.zeros((L, K), jnp.int32),
     }
     if with_max:
         state["max"] = jnp.full((L, K, F), -jnp.inf, jnp.float32)
     return state
 
 
+_LOW_BITS = 30  # the low word of a count; a batch adds < 2**24, so the low word never overflows
+COUNTS = ("active", "tokens")
+
+
 @jax.jit
 def update(state: dict, stats: dict) -> dict:
-    """Add one batch's stacked statistics ([L, ...]) to the accumulators (max: elementwise max)."""
-    return {k: jnp.maximum(v, stats[k]) if k == "max" else v + stats[k] for k, v in state.items()}
+    """Merge one batch's stacked statistics ([L, ...]) into the accumulators: counts and sums add,
+    max is elementwise, m2 merges pairwise (Chan et al.): m2_a + m2_b + d^2 n_a n_b / (n_a + n_b),
+    d the difference of the two means."""
+    out = {k: jnp.maximum(v, stats[k]) if k == "max" else v + stats[k] for k, v in state.items()
+           if k in stats and k != "m2" and k not in COUNTS}
+    for k in COUNTS:  # carry the low word's overflow into the high one
+        low = state[k] + stats[k]
+        out[k] = low & (2**_LOW_BITS - 1)
+        out[k + "_hi"] = state[k + "_hi"] + (low >> _LOW_BITS)
+    n_a = (state["tokens"].astype(jnp.float32) + state["tokens_hi"].astype(jnp.float32) * 2.0**_LOW_BITS)[..., None]
+    n_b = stats["tokens"].astype(jnp.float32)[..., None]
+    d = stats["sum"] / jnp.maximum(n_b, 1.0) - state["sum"] / jnp.maximum(n_a, 1.0)
+    out["m2"] = state["m2"] + stats["m2"] + d * d * (n_a * n_b / jnp.maximum(n_a + n_b, 1.0))
+    return out
+
+
+def counts(state: dict, key: str):
+    """The exact count `key` ("active" or "tokens") of an accumulated state, int64 numpy."""
+    import numpy as np
+
+    low = np.asarray(state[key], np.int64)
+    high = np.asarray(state[key + "_hi"], np.int64) if key + "_hi" in state else 0  # older files: one word
+    return low + (high << _LOW_BITS)
 
 
 def moments(state: dict):
     """(probability active, mean, variance) per [L, K, F], float64 numpy; NaN where no tokens."""
     import numpy as np
 
-    n = np.asarray(state["tokens"], np.float64)[..., None]  # [L, K, 1]
+    n = counts(state, "tokens").astype(np.float64)[..., None]  # [L, K, 1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        p = np.asarray(state["active"], np.float64) / n
+        p = counts(state, "active").astype(np.float64) / n
         mean = np.asarray(state["sum"], np.float64) / n
-        var = np.asarray(state["sumsq"], np.float64) / n - mean**2
+        if "m2" in state:
+            var = np.asarray(state["m2"], np.float64) / n
+        else:  # statistics saved before m2 existed: sums of squares
+            var = np.asarray(state["sumsq"], np.float64) / n - mean**2
     return p, mean, var

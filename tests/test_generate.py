@@ -134,3 +134,22 @@ def test_generate_text_and_left_padding(tiny):
         ids = ids[: ids.index(eos) + 1] if eos in ids else ids
         direct.append(model.tokenizer.decode(ids, skip_special_tokens=True))
     assert out == direct
+
+
+def test_prefill_unembeds_only_the_last_rows():
+    """The prefill's first token reads one row per prompt: the compiled program never holds the
+    [B, T, V] float32 logits (issue 13)."""
+    import jax.numpy as jnp
+
+    from jaxlens.core.config import ModelConfig
+    from jaxlens.core.forward import param_shapes
+    from jaxlens.methods.generate import decode
+
+    config = ModelConfig(family="test", vocab_size=8192, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
+                         d_ff=48, max_positions=128)
+    B, T = 2, 64
+    tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    eos = jax.ShapeDtypeStruct((1,), jnp.int32)
+    mem = decode.lower(param_shapes(config), tokens, tokens, None, eos, None, config=config,
+                       max_new_tokens=2).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < B * T * config.vocab_size * 4 / 2, mem

@@ -101,7 +101,7 @@ def test_two_processes_equal_one_process_and_one_device(tiny, tmp_path):
     assert one["neurons/tokens"].sum() > 0 and one["neurons/active"].sum() > 0
     for run in ("single/one", "single/data=4,model=2", "p0/data=4,model=2"):  # killed, rerun: resumed bit for bit
         arrays = read_arrays(tmp_path / f"{run}.npz")
-        for k in ("active", "tokens", "sum", "sumsq"):
+        for k in ("active", "tokens", "sum", "m2"):
             np.testing.assert_array_equal(arrays[f"neurons_resumed/{k}"], arrays[f"neurons/{k}"], err_msg=f"{run}: {k}")
     assert any(k.startswith("params['layers']") for k in one) and "sweep/ll" in one
     for run in ("single/one", "p0/data=4,model=2"):  # orbax restores the safetensors weights exactly

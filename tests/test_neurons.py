@@ -57,7 +57,8 @@ def test_collected_counts_equal_counts_from_captured_activations(tiny, model_typ
         assert sel.sum() == batches.counted[name] and (state["tokens"][:, k] == sel.sum()).all()
         np.testing.assert_array_equal(state["active"][:, k], (x[:, sel] > 0).sum(axis=1))
         np.testing.assert_allclose(state["sum"][:, k], x[:, sel].sum(axis=1), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(state["sumsq"][:, k], (x[:, sel] ** 2).sum(axis=1), rtol=1e-4, atol=1e-4)
+        dev = x[:, sel] - x[:, sel].mean(axis=1, keepdims=True)  # [L, n, F]
+        np.testing.assert_allclose(state["m2"][:, k], (dev**2).sum(axis=1), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(state["max"][:, k], x[:, sel].max(axis=1), rtol=1e-5, atol=1e-6)
 
 

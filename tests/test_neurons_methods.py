@@ -31,7 +31,7 @@ def numpy_stats(x, groups, weights):
     """float64 loops over tokens: the definition."""
     B, T, F = x.shape
     K = groups.shape[1]
-    out = {k: np.zeros((K, F)) for k in ("active", "sum", "sumsq")}
+    out = {k: np.zeros((K, F)) for k in ("active", "sum", "m2")}
     out["tokens"] = np.zeros(K)
     out["max"] = np.full((K, F), -np.inf)
     for b in range(B):
@@ -42,8 +42,13 @@ def numpy_stats(x, groups, weights):
                     out["active"][k] += v > 0
                     out["tokens"][k] += 1
                     out["sum"][k] += v
-                    out["sumsq"][k] += v * v
                     out["max"][k] = np.maximum(out["max"][k], v)
+    mean = out["sum"] / np.maximum(out["tokens"], 1)[:, None]
+    for b in range(B):  # second pass: squared deviations from the group's mean
+        for t in range(T):
+            for k in range(K):
+                if groups[b, k] > 0 and weights[b, t] > 0:
+                    out["m2"][k] += (x[b, t].astype(np.float64) - mean[k]) ** 2
     return out
 
 
@@ -57,7 +62,7 @@ def test_batch_stats_match_numpy(shape):
     np.testing.assert_array_equal(np.asarray(got["active"]), want["active"])
     np.testing.assert_array_equal(np.asarray(got["tokens"]), want["tokens"])
     np.testing.assert_allclose(np.asarray(got["sum"]), want["sum"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(got["sumsq"]), want["sumsq"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got["m2"]), want["m2"], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(got["max"]), want["max"].astype(np.float32))
 
 
@@ -83,14 +88,40 @@ def test_moments_and_probs():
     from jaxlens.kernels.neurons import moments
 
     state = {"active": np.array([[[1, 2]]]), "tokens": np.array([[4]]), "sum": np.array([[[2.0, 4.0]]]),
-             "sumsq": np.array([[[2.0, 8.0]]])}
+             "m2": np.array([[[1.0, 4.0]]])}
     p, mean, var = moments(state)
     np.testing.assert_allclose(p, [[[0.25, 0.5]]])
     np.testing.assert_allclose(mean, [[[0.5, 1.0]]])
     np.testing.assert_allclose(var, [[[0.25, 1.0]]])
+    legacy = {**state, "sumsq": np.array([[[2.0, 8.0]]])}  # files saved before m2: sums of squares
+    del legacy["m2"]
+    np.testing.assert_allclose(moments(legacy)[2], var)
     np.testing.assert_array_equal(N.activation_probs(state), p)
     with pytest.raises(ValueError, match="no counted tokens"):
         N.activation_probs({**state, "tokens": np.array([[0]])})
+
+
+def test_variance_is_stable_for_a_large_mean_over_many_batches():
+    """A neuron at 1000 +- 0.01 over 50 batches: float32 E[x^2] - E[x]^2 would be pure rounding
+    noise (x^2 ~ 1e6 has ulp ~0.06); the merged m2 keeps the variance to a few percent."""
+    from jaxlens.kernels.neurons import moments
+
+    rng = np.random.default_rng(0)
+    B, T, F, K, L = 4, 32, 3, 2, 1
+    groups = np.eye(K, dtype=np.float32)[np.arange(B) % K]
+    state = empty_state(L, K, F)
+    xs = []
+    for _ in range(50):
+        x = (1000.0 + 0.01 * rng.standard_normal((B, T, F))).astype(np.float32)
+        xs.append(x)
+        stats = batch_stats(jnp.asarray(x), jnp.asarray(groups), jnp.ones((B, T), jnp.int32))
+        state = update(state, {k: v[None] for k, v in stats.items()})
+    allx = np.concatenate(xs).astype(np.float64)  # [50 B, T, F]
+    lang = np.tile(np.arange(B) % K, 50)
+    for k in range(K):
+        want = allx[lang == k].reshape(-1, F).var(axis=0)
+        got = moments({name: np.asarray(v) for name, v in state.items()})[2][0, k]
+        np.testing.assert_allclose(got, want, rtol=0.05)
 
 
 # ---- LAPE ---------------------------------------------------------------------------------------
@@ -307,3 +338,49 @@ def test_default_corpus_is_xcopa_with_english():
     assert "en" in corpus and "zh" in corpus and len(corpus["zh"].docs) == 100
     meta = N.corpus_meta(corpus)
     assert len(meta["zh"]["files"][0]["sha256"]) == 64
+
+
+def test_counts_do_not_overflow_at_two_to_the_31():
+    """A language seen for 3 x 2**30 tokens (past int32) keeps an exact count."""
+    from jaxlens.kernels.neurons import counts
+
+    L, K, F = 1, 2, 3
+    state = empty_state(L, K, F)
+    batch = {"active": jnp.full((L, K, F), 2**23, jnp.int32), "tokens": jnp.full((L, K), 2**23 + 1, jnp.int32),
+             "sum": jnp.zeros((L, K, F)), "m2": jnp.zeros((L, K, F))}
+    n = 3 * 2**30 // 2**23  # 384 batches
+    for _ in range(n):
+        state = update(state, batch)
+    np.testing.assert_array_equal(counts(state, "tokens"), np.full((L, K), n * (2**23 + 1), np.int64))
+    np.testing.assert_array_equal(counts(state, "active"), np.full((L, K, F), n * 2**23, np.int64))
+    assert counts(state, "tokens").max() > 2**31
+
+
+@pytest.mark.parametrize("tied,cap", [(True, None), (False, 2.0)])
+def test_chunked_token_nll_equals_full_logits(tied, cap):
+    """The perplexity step's NLL, vocabulary in chunks (one shorter last chunk), equals
+    logsumexp - gold of the full logits; its compiled step never holds [B, T, V] float32."""
+    import dataclasses
+
+    import jax
+
+    from jaxlens.core.config import ModelConfig
+    from jaxlens.core.forward import init_params, param_shapes, unembed
+    from jaxlens.core.modules import token_nll
+
+    cfg = ModelConfig(family="test", vocab_size=1000, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8,
+                      d_ff=24, max_positions=64, tie_embeddings=tied, final_softcap=cap)
+    params = jax.tree.map(lambda p: 5 * p, init_params(cfg, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 1000, (3, 7)), jnp.int32)
+    logits = unembed(params, h, cfg)
+    want = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(token_nll(params, h, targets, cfg, chunk=128), want, rtol=1e-5, atol=1e-5)
+    # The step (2 ablations vmapped) on a 64k vocabulary: 8 chunks of 8192, never P x [B, T, V].
+    big = dataclasses.replace(cfg, vocab_size=65536)
+    B, T, P = 4, 32, 2
+    shape = jax.ShapeDtypeStruct
+    mem = N._nll_step(big, P).lower(param_shapes(big), shape((B, T), jnp.int32), shape((B, T), jnp.int32),
+                                    shape((B, T), jnp.int32), shape((P, 2, 24), jnp.bool_)).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < P * B * T * big.vocab_size * 4 / 2, mem.temp_size_in_bytes

@@ -175,3 +175,22 @@ def test_lens_on_the_last_layer_is_the_model_itself(tiny_checkpoint, model_type)
     np.testing.assert_array_equal(out["top_ids"][-1], ref_ids)
     np.testing.assert_allclose(out["top_probs"][-1], ref_probs, atol=1e-6)
     np.testing.assert_allclose(out["kl"][-1], 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "gemma2", "gemma3_text", "gpt2", "bloom", "phi3"])
+def test_blocked_attention_matches_transformers(tiny_checkpoint, model_type):
+    """The memory-efficient attention (4-key blocks here: several per sequence, and a shorter last
+    one) on a left-padded batch: each sequence gives what transformers gives for it alone."""
+    import dataclasses
+
+    hf_model, directory = tiny_checkpoint(model_type)
+    model = jaxlens.load(directory)
+    model = dataclasses.replace(model, config=dataclasses.replace(model.config, attn_block=4))
+    seqs = [random_tokens(20 + i, (n,)) for i, n in enumerate([11, 6])]
+    tokens, mask = np.zeros((2, 11), np.int32), np.zeros((2, 11), np.int32)
+    for row, seq in enumerate(seqs):
+        tokens[row, 11 - len(seq):], mask[row, 11 - len(seq):] = seq, 1
+    logits, _ = model(tokens, mask)
+    for row, seq in enumerate(seqs):
+        ref_logits, _, _ = hf_forward(hf_model, seq[None])
+        assert max_diff(logits[row, 11 - len(seq):], ref_logits[0]) < TOL

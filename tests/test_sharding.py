@@ -63,3 +63,24 @@ def test_every_family_config_round_trips_through_json(tiny_checkpoint):
     legacy.pop("norm_placement")
     legacy["sandwich_norms"] = True
     assert ModelConfig.from_json(json.dumps(legacy)).norm_placement == "sandwich"
+
+
+@pytest.mark.slow  # ~40-80 s: a subprocess with 8 host devices compiling three probes twice (one device, the mesh)
+def test_fsdp_mesh_matches_one_device(tiny):
+    """data=2 x fsdp=2 x model=2: forward with captures, fused lens, neuron statistics equal one
+    device's; weights split over fsdp and model and gathered one layer at a time (fsdp_mesh_check.py)."""
+    _, _, directory = tiny
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    script = Path(__file__).with_name("fsdp_mesh_check.py")
+    run = subprocess.run([sys.executable, str(script), str(directory)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "fsdp check ok" in run.stdout, run.stdout
+
+
+def test_make_mesh_refuses_bad_axes():
+    with pytest.raises(ValueError, match="fsdp=0"):
+        jaxlens.make_mesh(data=1, fsdp=0)
+    with pytest.raises(ValueError, match="does not use the 1 devices"):
+        jaxlens.make_mesh(data=1, fsdp=2, model=1)
+    mesh = jaxlens.make_mesh(1, 1)
+    assert mesh.axis_names == ("data", "fsdp", "model")

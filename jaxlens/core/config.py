@@ -90,6 +90,10 @@ class ModelConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Key block of the memory-efficient attention (online softmax over blocks of this many keys:
+    # memory linear in the sequence, not quadratic). Sequences of at most this many keys, and
+    # calls that capture `attn_probs`, take the reference path (all scores at once); 0 = always.
+    attn_block: int = 512
 
     def __post_init__(self):
         if not self.sliding_layers:
@@ -103,6 +107,8 @@ class ModelConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not supported; choose one of {allowed}")
         if self.rotary_dim is not None and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim):
             raise ConfigError(f"rotary_dim={self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
+        if self.attn_block < 0:
+            raise ConfigError(f"attn_block={self.attn_block} must be >= 0 (0 = always the reference attention)")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}"

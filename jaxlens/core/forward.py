@@ -26,7 +26,7 @@ from flax import struct
 from jaxlens.core import validate
 from jaxlens.core.config import ModelConfig
 from jaxlens.core.rope import rope_tables
-from jaxlens.core.sharding import constrain_batch, params_mesh
+from jaxlens.core.sharding import constrain_batch, params_mesh, weights_mesh
 from jaxlens.core.modules import REDUCED, REDUCED_PREFIX, Transformer, unembed
 from jaxlens.core.sites import LAYER_SITES, SITES, check_sites
 
@@ -59,7 +59,8 @@ def _shared_inputs(cfg: ModelConfig, attention_mask, interventions=None, reducer
     expand = lambda m: m[:, None, None]  # [B,1,1,T,S] broadcast over kv heads and groups  # noqa: E731
     return {
         "positions": positions,  # [B,T] (learned position embeddings)
-        "key_positions": key_positions,  # [B,S] (ALiBi)
+        "key_positions": key_positions,  # [B,S] (ALiBi, sliding windows)
+        "key_mask": full,  # [B,S] bool: real keys (the blocked attention builds its masks from these)
         "cos": cos,
         "sin": sin,
         "cos_local": cos_local,
@@ -91,7 +92,8 @@ def _forward(params, tokens, attention_mask, config: ModelConfig, capture: tuple
     shared = _shared_inputs(config, attention_mask, interventions, reducers, None if past is None else past.mask)
     mutable = [s for s in capture if s != "logits"] + ([REDUCED] if reducers else [])
     model = Transformer(config, return_kv=return_kv)
-    out, state = model.apply({"params": params}, tokens, shared, None if past is None else (past.k, past.v), mutable=mutable)
+    with weights_mesh(mesh):  # each layer's weights gathered over fsdp as the scan reaches it
+        out, state = model.apply({"params": params}, tokens, shared, None if past is None else (past.k, past.v), mutable=mutable)
     logits, kv = out if return_kv else (out, None)
     sites = {name: logits if name == "logits" else _find(state[name], name) for name in capture}
     for name in reducers or {}:

@@ -21,6 +21,7 @@ import numpy as np
 from jaxlens.core.config import ModelConfig
 from jaxlens.core.interventions import apply_at
 from jaxlens.core.rope import alibi_slopes, apply_rope
+from jaxlens.core.sharding import gathered
 from jaxlens.core.sites import LAYER_SITES
 
 # Reducer outputs go to their own collection, under "reducer:<name>" (never a site or module name).
@@ -111,11 +112,42 @@ def softcap(x, cap: float | None):
 def unembed(params, h, cfg: ModelConfig):
     """Final-normed states h [..., D] -> logits [..., V] float32: the (tied or own) unembedding,
     then Gemma 2's final soft-cap. The one place logits are made (forward, lens, scoring)."""
+    # Gathered over fsdp (still split over model), so the batch stays split over data x fsdp.
     if cfg.tie_embeddings:  # contract with the embedding's own [V, D] layout: no transpose copy
-        logits = jnp.einsum("...d,vd->...v", h, params["embedding"].astype(h.dtype), preferred_element_type=jnp.float32)
+        w = gathered("embedding", params["embedding"])
+        logits = jnp.einsum("...d,vd->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
     else:
-        logits = jnp.einsum("...d,dv->...v", h, params["unembed"].astype(h.dtype), preferred_element_type=jnp.float32)
+        w = gathered("unembed", params["unembed"])
+        logits = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
     return softcap(logits, cfg.final_softcap)
+
+
+def token_nll(params, h, targets, cfg: ModelConfig, chunk: int = 8192):
+    """-log p(targets) [B, T] float32 from final-normed states h [B, T, D]: `unembed` then log-
+    softmax, with the vocabulary read `chunk` columns at a time (a running max and sum, one
+    shorter last chunk), so the [B, T, V] float32 logits never exist."""
+    tied = cfg.tie_embeddings
+    w = gathered("embedding", params["embedding"]) if tied else gathered("unembed", params["unembed"])
+    axis, spec = (0, "btd,vd->btv") if tied else (1, "btd,dv->btv")
+
+    def step(carry, start, size):
+        m, total = carry
+        cols = jax.lax.dynamic_slice_in_dim(w, start, size, axis=axis)
+        z = softcap(jnp.einsum(spec, h, cols.astype(h.dtype), preferred_element_type=jnp.float32), cfg.final_softcap)
+        m_new = jnp.maximum(m, z.max(-1))
+        return m_new, total * jnp.exp(m - m_new) + jnp.exp(z - m_new[..., None]).sum(-1)
+
+    n, tail = divmod(cfg.vocab_size, chunk)
+    carry = (jnp.full(h.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(h.shape[:-1], jnp.float32))
+    if n:
+        carry = jax.lax.fori_loop(0, n, lambda i, c: step(c, i * chunk, chunk), carry)
+    if tail:
+        carry = step(carry, n * chunk, tail)
+    m, total = carry
+    gold_w = jnp.take(w, targets, axis=axis)  # [B, T, D] (tied) or [D, B, T]
+    gold_w = gold_w if tied else jnp.moveaxis(gold_w, 0, -1)
+    gold = jnp.einsum("btd,btd->bt", h, gold_w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return m + jnp.log(total) - softcap(gold, cfg.final_softcap)
 
 
 class Linear(nn.Module):
@@ -129,6 +161,7 @@ class Linear(nn.Module):
     def __call__(self, x):
         in_shape = x.shape[x.ndim - self.in_axes :]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (*in_shape, *self.out_shape), x.dtype)
+        kernel = gathered("/".join(self.path) + "/kernel", kernel)  # this layer's weights, whole over fsdp
         letters = "abcdefgh"
         ins, outs = letters[: self.in_axes], letters[self.in_axes : self.in_axes + len(self.out_shape)]
         y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x, kernel.astype(x.dtype))
@@ -137,14 +170,36 @@ class Linear(nn.Module):
         return y
 
 
+class Keys(NamedTuple):
+    """Which keys each query sees, two ways: the materialised mask (the reference path) and the
+    vectors it is made of (the blocked path rebuilds each block's slice of it, so the [T, S] mask
+    is never stored)."""
+
+    mask: jnp.ndarray  # [B,1,1,T,S] bool (True = attend)
+    valid: jnp.ndarray  # [B,S] bool: the key is a real token
+    positions: jnp.ndarray  # [B,T] the queries' positions
+    key_positions: jnp.ndarray  # [B,S]
+    window: jnp.ndarray  # int32 scalar: a query sees keys fewer than this many positions back
+
+    def block(self, start, size: int, T: int):
+        """Columns [start, start + size) of `mask`, from the vectors: [B,1,1,T,size]."""
+        S = self.valid.shape[1]
+        cols = start + jnp.arange(size)
+        causal = cols[None, :] <= jnp.arange(S - T, S)[:, None]  # [T,C]
+        key_pos = jax.lax.dynamic_slice_in_dim(self.key_positions, start, size, axis=1)
+        valid = jax.lax.dynamic_slice_in_dim(self.valid, start, size, axis=1)
+        near = self.positions[:, :, None] - key_pos[:, None, :] < self.window
+        return (causal[None] & valid[:, None, :] & near)[:, None, None]
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, key_positions, past=None):
-        """x [B,T,D]; cos/sin [B,T,R/2]; mask [B,1,1,T,S] bool (True = attend); key_positions [B,S];
-        past: the keys and values of S - T earlier tokens ([B,S-T,K,H] each, after rope) or None
-        (S = T). Returns (out [B,T,D], (k, v) of these T tokens)."""
+    def __call__(self, x, cos, sin, keys: Keys, past=None):
+        """x [B,T,D]; cos/sin [B,T,R/2]; keys: which keys each query sees (S of them); past: the
+        keys and values of S - T earlier tokens ([B,S-T,K,H] each, after rope) or None (S = T).
+        Returns (out [B,T,D], (k, v) of these T tokens)."""
         c = self.cfg
         G = c.n_heads // c.n_kv_heads
         q = Linear((c.n_heads, c.head_dim), use_bias=c.qkv_bias, name="q")(x)  # [B,T,N,H]
@@ -164,21 +219,70 @@ class Attention(nn.Module):
         parts = [new_kv] if past is None else [tuple(p.astype(n.dtype) for p, n in zip(past, new_kv)), new_kv]
         B, T = q.shape[:2]
         q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim)  # [B,T,K,G,H]
-        scores = jnp.concatenate([jnp.einsum("btkgh,bskh->bkgts", q, pk, preferred_element_type=jnp.float32)
-                                  for pk, _ in parts], axis=-1)
-        scores = scores * c.attn_scale  # [B,K,G,T,S]
-        if c.positions == "alibi":  # + slope(head) * key position; softmax ignores the query's share
-            slopes = jnp.asarray(alibi_slopes(c.n_heads)).reshape(c.n_kv_heads, G)
-            scores = scores + slopes[None, :, :, None, None] * key_positions[:, None, None, None, :].astype(jnp.float32)
-        scores = softcap(scores, c.attn_softcap)
-        scores = scores + jnp.where(mask, 0.0, _MASKED)  # added, not selected: XLA fuses it into the softmax
-        probs = jax.nn.softmax(scores, axis=-1)
-        sow(self, "attn_probs", probs.reshape(B, c.n_heads, T, -1))
-        starts = np.cumsum([0] + [pv.shape[1] for _, pv in parts])
-        ctx = sum(jnp.einsum("bkgts,bskh->btkgh", probs[..., a:b].astype(pv.dtype), pv)
-                  for (_, pv), a, b in zip(parts, starts[:-1], starts[1:]))  # [B,T,K,G,H]
+        S = keys.valid.shape[1]
+        if self.is_mutable_collection("attn_probs") or c.attn_block == 0 or S <= c.attn_block:
+            ctx = self._reference(q, parts, keys)
+        else:
+            ctx = self._blocked(q, parts, keys)
         ctx = ctx.reshape(B, T, c.n_heads, c.head_dim)
         return Linear((c.d_model,), in_axes=2, use_bias=c.o_bias, name="o")(ctx), new_kv  # [B,T,D]
+
+    def _bias(self, scores, key_positions, mask):
+        """Raw q.k scores [B,K,G,T,C] float32 -> the ones softmax reads: scale, ALiBi, soft-cap, mask."""
+        c = self.cfg
+        scores = scores * c.attn_scale
+        if c.positions == "alibi":  # + slope(head) * key position; softmax ignores the query's share
+            slopes = jnp.asarray(alibi_slopes(c.n_heads)).reshape(c.n_kv_heads, -1)
+            scores = scores + slopes[None, :, :, None, None] * key_positions[:, None, None, None, :].astype(jnp.float32)
+        scores = softcap(scores, c.attn_softcap)
+        return scores + jnp.where(mask, 0.0, _MASKED)  # added, not selected: XLA fuses it into the softmax
+
+    def _reference(self, q, parts, keys: Keys):
+        """Every score at once ([B,K,G,T,S] float32): the reference, and what `attn_probs` captures."""
+        scores = jnp.concatenate([jnp.einsum("btkgh,bskh->bkgts", q, pk, preferred_element_type=jnp.float32)
+                                  for pk, _ in parts], axis=-1)
+        probs = jax.nn.softmax(self._bias(scores, keys.key_positions, keys.mask), axis=-1)
+        B, T = q.shape[:2]
+        sow(self, "attn_probs", probs.reshape(B, self.cfg.n_heads, T, -1))
+        starts = np.cumsum([0] + [pv.shape[1] for _, pv in parts])
+        return sum(jnp.einsum("bkgts,bskh->btkgh", probs[..., a:b].astype(pv.dtype), pv)
+                   for (_, pv), a, b in zip(parts, starts[:-1], starts[1:]))  # [B,T,K,G,H]
+
+    def _blocked(self, q, parts, keys: Keys):
+        """The same attention as an online softmax over blocks of `attn_block` keys, with a float32
+        running max, sum and output: memory O(T x block) per layer, never O(T x S). Each part (cache,
+        new tokens) is read in place, block by block, plus one shorter last block: nothing is
+        padded or concatenated."""
+        block, f32 = self.cfg.attn_block, jnp.float32
+        B, T, K, G, H = q.shape
+
+        def step(carry, k, v, start):
+            m, total, out = carry  # [B,K,G,T], [B,K,G,T], [B,T,K,G,H]
+            size = k.shape[1]
+            key_pos = jax.lax.dynamic_slice_in_dim(keys.key_positions, start, size, axis=1)
+            raw = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=f32)
+            scores = self._bias(raw, key_pos, keys.block(start, size, T))
+            m_new = jnp.maximum(m, scores.max(-1))  # finite: masked scores are finite too
+            p = jnp.exp(scores - m_new[..., None])
+            rescale = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
+            pv = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v, preferred_element_type=f32)
+            return m_new, total * rescale + p.sum(-1), out * jnp.moveaxis(rescale, -1, 1)[..., None] + pv
+
+        carry = (jnp.full((B, K, G, T), -jnp.inf, f32), jnp.zeros((B, K, G, T), f32), jnp.zeros(q.shape, f32))
+        offset = 0
+        for k, v in parts:
+            n, tail = divmod(k.shape[1], block)
+
+            def body(i, carry, k=k, v=v, offset=offset):
+                cut = lambda a: jax.lax.dynamic_slice_in_dim(a, i * block, block, axis=1)  # noqa: E731
+                return step(carry, cut(k), cut(v), offset + i * block)
+
+            carry = jax.lax.fori_loop(0, n, body, carry)
+            if tail:
+                carry = step(carry, k[:, n * block :], v[:, n * block :], offset + n * block)
+            offset += k.shape[1]
+        _, total, out = carry
+        return (out / jnp.moveaxis(total, -1, 1)[..., None]).astype(parts[-1][1].dtype)
 
 
 class MLP(nn.Module):
@@ -214,13 +318,16 @@ class Block(nn.Module):
         ctx = SiteContext(layer, shared["attention_mask"], shared["interventions"], shared["reducers"])
         cos = jnp.where(sliding, shared["cos_local"], shared["cos"])
         sin = jnp.where(sliding, shared["sin_local"], shared["sin"])
-        mask = jnp.where(sliding, shared["mask_local"], shared["mask"])
+        no_window = jnp.iinfo(jnp.int32).max
+        window = no_window if c.sliding_window is None else jnp.where(sliding, c.sliding_window, no_window)
+        keys = Keys(jnp.where(sliding, shared["mask_local"], shared["mask"]), shared["key_mask"], shared["positions"],
+                    shared["key_positions"], jnp.asarray(window, jnp.int32))
         pre = c.norm_placement in ("pre", "sandwich")  # a norm before attention / MLP
         post = c.norm_placement in ("sandwich", "post")  # a norm on what they add to the residual
         norm = lambda name, h, here: make_norm(c, name)(h) if here else h  # noqa: E731
 
         x = site(self, ctx, "resid_pre", x)
-        attn, kv = Attention(c, name="attn")(norm("attn_norm", x, pre), cos, sin, mask, shared["key_positions"], past)
+        attn, kv = Attention(c, name="attn")(norm("attn_norm", x, pre), cos, sin, keys, past)
         attn = norm("post_attn_norm", attn, post)
         attn = site(self, ctx, "attn_out", attn)
         block_in = x
@@ -244,7 +351,7 @@ class Transformer(nn.Module):
     def __call__(self, tokens, shared, past=None):
         c = self.cfg
         embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.d_model))
-        x = jnp.take(embedding, tokens, axis=0)  # [B,T,D]
+        x = jnp.take(gathered("embedding", embedding), tokens, axis=0)  # [B,T,D]
         if c.embed_scale:
             x = x * jnp.asarray(c.d_model**0.5, dtype=x.dtype)
         if c.positions == "learned":  # GPT-2: + a learned vector per position

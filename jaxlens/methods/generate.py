@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxlens.core import interventions as iv
 from jaxlens.core.config import ModelConfig
-from jaxlens.core.forward import KVCache, forward_cached
+from jaxlens.core.forward import KVCache, forward_cached, unembed
 from jaxlens.core.sharding import constrain_batch, params_mesh
 
 
@@ -55,9 +55,12 @@ def decode(params, tokens, mask, interventions, eos, past, *, config: ModelConfi
     mesh: split the batch over its data axes, for callers that pass host arrays)."""
     tokens, mask = constrain_batch(mesh, tokens, mask)
     B = tokens.shape[0]
-    logits, _, cache = forward_cached(params, tokens, mask, config=config, interventions=interventions, past=past)
+    # Only each row's last position is unembedded ([B, V], not [B, T, V]): XLA drops the unused logits.
+    _, sites, cache = forward_cached(params, tokens, mask, config=config, interventions=interventions, past=past,
+                                     capture=("final_norm",))
     T = cache.mask.shape[1]  # earlier + these tokens: the first free slot
-    first = jnp.argmax(logits[jnp.arange(B), iv.last_index(mask)], axis=-1).astype(jnp.int32)
+    last = sites["final_norm"][jnp.arange(B), iv.last_index(mask)]  # [B, D]
+    first = jnp.argmax(unembed(params, last, config), axis=-1).astype(jnp.int32)
     steps = max_new_tokens - 1  # the last new token is never fed back
     grow = lambda a: jnp.pad(a, [(0, 0)] * 2 + [(0, steps)] + [(0, 0)] * (a.ndim - 3))  # noqa: E731
     cache = KVCache(grow(cache.k), grow(cache.v), jnp.pad(cache.mask, ((0, 0), (0, steps))))

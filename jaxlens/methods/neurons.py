@@ -215,13 +215,13 @@ def collect(model, batches: Batches, checkpoint_dir=None, save_every: int = 50, 
     With `checkpoint_dir`, the accumulators are saved (orbax) every `save_every` batches and at the
     end; a run started again with the same inputs resumes after the last save and ends with
     bit-identical statistics. `on_batch(i)` is called after batch i is dispatched. Returns numpy
-    {active, tokens, sum, sumsq[, max]} ([L, K, F], tokens [L, K]).
+    {active, tokens, sum, m2[, max]} ([L, K, F], tokens [L, K]).
     """
     from jaxlens.kernels.neurons import empty_state
     from jaxlens.runtime.loop import Checkpoint, accumulate
 
     cfg, K = model.config, len(batches.languages)
-    step = _stats_step(cfg, with_max)
+    step = _stats_step(cfg, with_max, model.mesh)
     checkpoint = None
     if checkpoint_dir is not None:
         run = {"run": run_meta or {}, "languages": batches.languages, "shape": list(batches.tokens.shape), "with_max": with_max,
@@ -261,18 +261,20 @@ class _BatchView:
 _STEPS: dict = {}
 
 
-def _stats_step(cfg, with_max: bool):
+def _stats_step(cfg, with_max: bool, mesh=None):
     """One jitted program: forward with the reducer, then add into the accumulators."""
     import jax
 
     from jaxlens.kernels.neurons import NeuronStats, update
     from jaxlens.core.forward import forward
+    from jaxlens.core.sharding import weights_mesh
 
-    key = (cfg, with_max)
+    key = (cfg, with_max, mesh)
     if key not in _STEPS:
         def step(params, state, tokens, mask, weights, groups):
             reducer = NeuronStats(groups=groups, weights=weights, with_max=with_max)
-            _, sites = forward(params, tokens, mask, config=cfg, reducers={"neurons": reducer})
+            with weights_mesh(mesh):  # traced params: each layer gathered over fsdp as the scan reaches it
+                _, sites = forward(params, tokens, mask, config=cfg, reducers={"neurons": reducer})
             return update(state, sites["neurons"])
 
         _STEPS[key] = jax.jit(step)
@@ -301,10 +303,12 @@ def load_stats(path) -> tuple[dict, dict]:
 
 def activation_probs(state: dict) -> np.ndarray:
     """p[l, k, f] = #counted tokens of language k with neuron (l, f) active / #counted tokens."""
-    tokens = np.asarray(state["tokens"], np.float64)
+    from jaxlens.kernels.neurons import counts
+
+    tokens = counts(state, "tokens").astype(np.float64)
     if (tokens == 0).any():
         raise ValueError("a language has no counted tokens; its activation probabilities are undefined")
-    return np.asarray(state["active"], np.float64) / tokens[..., None]
+    return counts(state, "active").astype(np.float64) / tokens[..., None]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -548,6 +552,7 @@ def _nll_step(cfg, chunk: int):
 
     from jaxlens.core import interventions as iv
     from jaxlens.core.forward import forward
+    from jaxlens.core.modules import token_nll
     from jaxlens.methods.sweep import map_stack
 
     key = ("nll", cfg, chunk)
@@ -557,10 +562,11 @@ def _nll_step(cfg, chunk: int):
             w = (weights[:, 1:] > 0) & (mask[:, :-1] > 0)
 
             def one(ablation):
-                logits, _ = forward(params, tokens, mask, config=cfg, interventions=ablation)
-                logits = logits[:, :-1]  # [B, T-1, V]
-                gold = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-                return jnp.where(w, jax.nn.logsumexp(logits, axis=-1) - gold, 0.0).sum(axis=1)  # [B]
+                # The NLL from the final-normed states, the vocabulary in chunks: never [B, T, V]
+                # float32 logits (XLA drops the forward's own, unused).
+                _, sites = forward(params, tokens, mask, config=cfg, interventions=ablation, capture=("final_norm",))
+                nll = token_nll(params, sites["final_norm"][:, :-1], target, cfg)  # [B, T-1]
+                return jnp.where(w, nll, 0.0).sum(axis=1)  # [B]
 
             stack = jax.vmap(lambda m: iv.ablate("mlp_act", neurons=m))(masks)
             return map_stack(one, stack, chunk), w.sum(axis=1)  # [P, B], [B]

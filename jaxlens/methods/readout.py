@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxlens.core.config import ModelConfig
 from jaxlens.core.forward import forward
+from jaxlens.core.reducers import Take
 from jaxlens.data.tokensets import padded_ids
 
 
@@ -30,8 +31,10 @@ def _last_token_lens(params, tokens, mask, targets, *, config: ModelConfig, keep
     space cosine needs it); the model's own logits are dropped by XLA as unused."""
     from jaxlens.kernels.lens import logit_lens
 
-    _, sites = forward(params, tokens, mask, config=config, capture=("resid_post",))
-    resid = sites["resid_post"][:, :, -1:]  # [L, B, 1, D]: left padding puts every last token at -1
+    # Left padding puts every last token at T - 1; each layer keeps only that row ([L, B, 1, D]).
+    last = Take("resid_post", jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32))
+    _, sites = forward(params, tokens, mask, config=config, reducers={"last": last})
+    resid = sites["last"]  # [L, B, 1, D]
     out = logit_lens(params, resid, config=config, k=1, targets=targets, mesh=mesh)
     read = {
         "target_probs": out["target_probs"][:, :, 0],  # [L, B, n]
