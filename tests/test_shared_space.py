@@ -257,3 +257,34 @@ def test_phrase_logprobs_on_an_8_device_mesh_equal_one_device(tiny):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "phrase max abs diff" in proc.stdout
+
+
+@pytest.mark.slow  # two models, each compiling its state, phrase and scoring programs (~40 s on 2 shared cores)
+def test_shared_space_command_writes_one_report_for_several_models(tiny, tmp_path):
+    import json
+
+    from jaxlens.cli import main
+
+    from conftest import build_hf_model, tiny_tokenizer
+
+    _, _, directory = tiny
+    other = tmp_path / "qwen3"  # qwen3 tiny, two blocks deep: relative depth lines them up
+    build_hf_model("qwen3", num_hidden_layers=2).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    rows = [{"id": it.id, "lang": it.lang, "question": it.prompt, "options": list(it.options), "answer": it.answer}
+            for it in parallel_items()]
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["shared-space", "--models", f"{directory},{other}", "--items", str(data), "--n-boot", "20",
+                 "--batch-rows", "2", "--out", str(out)]) == 0
+    summary = json.loads((out / "shared_space.json").read_text(encoding="utf-8"))
+    assert [r["lang"] for r in summary["summary"]] == ["xx", "xx"]
+    for name, layers in ((str(directory), 3), (str(other), 2)):
+        entry = summary["per_model"][name]
+        assert entry["n_layers"] == layers and entry["depth"][-1] == 1.0
+        assert len(entry["langs"]["xx"]["similarity"]["last/cka"][0]) == layers
+    for name in ("shared_space.csv", "shared_space.npz", "similarity.png", "answer_language.png", "index.html"):
+        assert (out / name).is_file(), name
+    for models in (" ", f"{other},{other}"):
+        assert main(["shared-space", "--models", models, "--items", str(data), "--out", str(tmp_path / "o2")]) == 2
