@@ -188,12 +188,11 @@ def test_prompt_states_equal_the_full_capture(tiny):
     model, _, _ = tiny
     texts = ["The man turned on the tap.", "Water.", "She lost her appetite. He poured milk."]
     states = sim.prompt_states(model, texts, batch_rows=2)
-    bos = model.tokenizer.bos_token_id
     for i, text in enumerate(texts):
         tokens, mask = model.encode([text])
         _, sites = forward(model.params, tokens, mask, config=model.config, capture=("resid_post",))
         h = np.asarray(sites["resid_post"], np.float64)[:, 0]  # [L, T, D]
-        keep = tokens[0] != bos
+        keep = np.arange(tokens.shape[1]) > 0  # the first token (here BOS) is left out of the mean
         np.testing.assert_allclose(states["last"][i], h[:, -1], atol=1e-5)
         np.testing.assert_allclose(states["mean"][i], h[:, keep].mean(1), atol=1e-5)
 

@@ -150,7 +150,7 @@ def run(args) -> int:
                     "language takes over for good. Relative depth = (layer + 1) / layers.", table=(summary_header, summary)),
             Section("Representation similarity to English", text="Linear CKA and cosine (raw, and centred on the per-layer "
                     "mean of both sides) between each language's prompt states and those of the parallel English prompts, "
-                    "at the last prompt token and mean-pooled over the prompt (BOS excluded); shaded: 95% bootstrap over "
+                    "at the last prompt token and mean-pooled over the prompt (its first token, BOS or the attention sink, left out); shaded: 95% bootstrap over "
                     "items.", figure="similarity.png"),
             Section("Which language the answer forms in", text="After the query-language prompt, the lens probability per "
                     "token (geometric mean over the phrase's tokens) of the correct option's text in the query language "

@@ -7,9 +7,10 @@ last prompt token and mean-pooled over the prompt.
 
 The pooling runs inside the scanned layers (`core.reducers.Take` at the last token,
 `WeightedMean` over the prompt), so only [L, B, D] per batch leaves the device, never
-[L, B, T, D]. The mean skips the BOS token: it is the same token at the same position in every
-language, and in Gemma-style models its state has a very large norm (an attention sink), so it
-would make every pair of prompts look alike.
+[L, B, T, D]. The mean skips each prompt's first token: BOS where the tokenizer adds one (the
+same token at the same position in every language), else the first word, and in either case
+the attention sink whose state grows a norm orders above the rest in the middle layers
+(SmolLM2 from about 40% depth), which would make every pair of prompts look alike.
 
 CKA is computed from the items' Gram matrices (linear kernel, centred: HKH), which equals the
 feature-space form ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) and makes the bootstrap over
@@ -50,11 +51,13 @@ def prompt_states(model, texts: Sequence[str], *, batch_rows: int = 8, progress:
     from jaxlens.runtime.loop import stream
     from jaxlens.runtime.placement import batch_rows as rows_for
 
-    bos = getattr(model.tokenizer, "bos_token_id", None)
     batches = text_batches(model, texts, rows_for(model.mesh, batch_rows))
     step = lambda b, tokens, mask, weights: pooled_states(model.params, tokens, mask, weights, config=model.config)  # noqa: E731
-    # Weights: the real tokens, less a leading BOS (see the module docstring).
-    weights = lambda b: b.mask * (b.tokens != bos) if bos is not None else b.mask  # noqa: E731
+
+    def weights(b):  # the real tokens less each row's first (left padding: first = first nonzero mask column)
+        w = b.mask.copy()
+        w[np.arange(len(w)), np.argmax(b.mask, axis=1)] = 0
+        return w
     parts: dict[str, list] = {"last": [], "mean": []}
     for b, out in stream(batches, step, mesh=model.mesh,
                          inputs=lambda b: (b.tokens, b.mask, weights(b)), desc="states", progress=progress):
