@@ -287,3 +287,33 @@ def test_shared_space_command_writes_one_report_for_several_models(tiny, tmp_pat
         assert (out / name).is_file(), name
     for models in (" ", f"{other},{other}"):
         assert main(["shared-space", "--models", models, "--items", str(data), "--out", str(tmp_path / "o2")]) == 2
+
+
+# ---- steering with a paired test per cell ------------------------------------------------------------
+
+
+def test_mcnemar_exact_p():
+    from math import comb
+
+    from jaxlens.methods.steer import mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(4, 4) == 1.0
+    assert mcnemar_p(10, 0) == mcnemar_p(0, 10) == 2 / 2**10
+    assert abs(mcnemar_p(3, 9) - 2 * sum(comb(12, i) for i in range(4)) / 2**12) < 1e-15
+
+
+def test_steer_summary_counts_gained_and_lost_items():
+    from jaxlens.methods import steer
+
+    items = [ev.Item(str(i), lang, "q", ("a", "b"), 0) for lang in ("en", "xx") for i in range(6)]
+    clean = ev.Scores(ll=np.array([[1.0, 0.0]] * 6 + [[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3),
+                      n_tokens=np.ones((12, 2)), n_chars=np.ones((12, 2)))
+    # Point 0: unchanged. Point 1: xx gains its 3 wrong items and loses 1 right one.
+    steered = np.stack([clean.ll, np.array([[1.0, 0.0]] * 6 + [[0.0, 1.0]] + [[1.0, 0.0]] * 5)])
+    summary = steer.summarize(items, ev.Scores(ll=steered, n_tokens=clean.n_tokens, n_chars=clean.n_chars), clean,
+                              steer.grid([0], [0.0, 1.0]), n_boot=200)
+    same, moved = summary["points"]
+    assert (same["gained"], same["lost"], same["p_mcnemar"], same["accuracy_change"]) == (0, 0, 1.0, 0.0)
+    assert (moved["gained"], moved["lost"]) == (3, 1) and abs(moved["accuracy_change"] - 2 / 6) < 1e-12
+    assert moved["p_mcnemar"] == steer.mcnemar_p(3, 1) == 0.625
+    assert moved["accuracy_change_lo"] <= moved["accuracy_change"] <= moved["accuracy_change_hi"]
