@@ -283,7 +283,8 @@ def test_shared_space_command_writes_one_report_for_several_models(tiny, tmp_pat
         entry = summary["per_model"][name]
         assert entry["n_layers"] == layers and entry["depth"][-1] == 1.0
         assert len(entry["langs"]["xx"]["similarity"]["last/cka"][0]) == layers
-    for name in ("shared_space.csv", "shared_space.npz", "similarity.png", "answer_language.png", "index.html"):
+    for name in ("shared_space.csv", "shared_space.npz", "similarity.png", "answer_language.png", "answer_language_log.png",
+                 "index.html"):
         assert (out / name).is_file(), name
     for models in (" ", f"{other},{other}"):
         assert main(["shared-space", "--models", models, "--items", str(data), "--out", str(tmp_path / "o2")]) == 2

@@ -8,7 +8,7 @@ linear CKA and cosine (raw, mean-centred) of the prompt states to the parallel E
 the last prompt token and mean-pooled; the per-token latent probability of the correct and the
 wrong option in the query language and in English after the query prompt; accuracy (option
 log-likelihood) and consistency with English. Writes OUT/shared_space.json, shared_space.csv,
-shared_space.npz, similarity.png, answer_language.png and index.html.
+shared_space.npz, similarity.png, answer_language.png (and _log.png, the same on a log scale), index.html.
 """
 
 from __future__ import annotations
@@ -139,8 +139,9 @@ def run(args) -> int:
                     panel[label] = (np.array(e["depth"]), *(np.array(v, float) for v in r["answer"][kind]))
                     styles[label] = {"color": colours[kind], "linestyle": "-" if kind.startswith("correct") else "--"}
                 ans_panels.append((f"{name}, {lang} (n={r['n']}, acc {r['accuracy']['query']:.2f})", panel))
-        panel_curves(out / "answer_language.png", ans_panels, xlabel="relative depth (layer + 1) / layers",
-                     ylabel="per-token probability", styles=styles)
+        for suffix, scale in (("", "linear"), ("_log", "log")):  # log: the early and middle layers, orders below
+            panel_curves(out / f"answer_language{suffix}.png", ans_panels, xlabel="relative depth (layer + 1) / layers",
+                         ylabel="per-token probability", styles=styles, yscale=scale)
         first = next(iter(by_lang.values()))[0]
         write_report(out / "index.html", f"Shared space across models: {', '.join(models)}", [
             Section("Summary", text="Per model and query language: accuracy by option log-likelihood (query language, and "
@@ -154,11 +155,13 @@ def run(args) -> int:
                     "items.", figure="similarity.png"),
             Section("Which language the answer forms in", text="After the query-language prompt, the lens probability per "
                     "token (geometric mean over the phrase's tokens) of the correct option's text in the query language "
-                    "(red) and in English (blue, the parallel item's option), and of the wrong option (dashed).",
-                    figure="answer_language.png"),
+                    "(red) and in English (blue, the parallel item's option), and of the wrong option (dashed); shaded: "
+                    "95% bootstrap over items. Below on a log scale.", figure="answer_language.png"),
+            Section("Which language the answer forms in (log scale)", figure="answer_language_log.png"),
             Section("Example prompt and phrases", code=template.context_text(first) + "|" + template.option_text(first.options[0])),
         ])
-    print(f"wrote shared_space.json, shared_space.csv, shared_space.npz, similarity.png, answer_language.png, index.html to {args.out}")
+    print(f"wrote shared_space.json, shared_space.csv, shared_space.npz, similarity.png, answer_language(_log).png, index.html "
+          f"to {args.out}")
     return 0
 
 
