@@ -20,10 +20,11 @@ _KINDS = {"correct_query": "correct, query lang", "correct_en": "correct, Englis
           "wrong_en": "wrong, English"}
 
 
-def _r(a, nd=6):
+def _r(a, digits=6):
+    """JSON-ready list, to `digits` significant digits (not decimals: early-layer probabilities are ~1e-9)."""
     import numpy as np
 
-    return [None if not np.isfinite(v) else round(float(v), nd) for v in np.asarray(a, float).ravel()]
+    return [None if not np.isfinite(v) else float(f"{v:.{digits}g}") for v in np.asarray(a, float).ravel()]
 
 
 def _depth(layer, L):
@@ -68,7 +69,7 @@ def run(args) -> int:
         seconds = time.perf_counter() - t0
         depth = (np.arange(L) + 1) / L
         entry = {"family": model.config.family, "n_layers": L, "d_model": model.config.d_model, "seconds": round(seconds, 1),
-                 "depth": _r(depth, 4), "langs": {}}
+                 "depth": [round(float(d), 4) for d in depth], "langs": {}}
         for lang, r in per_lang.items():
             a = r["answer"]
             sims = {f"{pool}/{m}": tuple(_r(x) for x in r["similarity"][pool][m]) for pool, m in _SIM}
