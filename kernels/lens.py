@@ -514,6 +514,8 @@ def target_logprobs(params, resid, targets, *, config: ModelConfig, valid=None, 
     `model` on a mesh) and the target logits are gathered once, so it costs less than `logit_lens`
     with targets (no top-k, entropy or KL). valid [B, P] bool: False rows come back as 0."""
     _check(resid, config, 1, valid, targets, None, None, translators)
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be a positive number of vocabulary ids")
     if mesh is None:
         mesh = params_mesh(params)
     L, B, Pn, _ = resid.shape
@@ -546,6 +548,8 @@ def phrase_logprobs(params, tokens, mask, target, *, config: ModelConfig, width:
         raise ValueError(f"mask and target must be [batch, tokens] = {(B, T)}; got {np.shape(mask)}, {np.shape(target)}")
     if width is None:
         width = int(np.asarray(target).sum(-1).max())
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be a positive number of vocabulary ids")
     if not 1 <= width <= T - 1:
         raise ValueError(f"width={width} must be between 1 and T - 1 = {T - 1} (the first token has no state predicting it)")
     if not isinstance(target, jax.Array) and np.asarray(target)[:, : T - width].any():

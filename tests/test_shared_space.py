@@ -132,6 +132,8 @@ def test_phrase_errors_name_the_argument(tiny):
         phrase_logprobs(model.params, tokens, mask, target, config=model.config, width=9)
     with pytest.raises(ValueError, match="before the last width=2"):
         phrase_logprobs(model.params, tokens, mask, target, config=model.config, width=2)
+    with pytest.raises(ValueError, match="chunk=0"):
+        phrase_logprobs(model.params, tokens, mask, target, config=model.config, chunk=0)
     with pytest.raises(ValueError, match="mask and target"):
         phrase_logprobs(model.params, tokens, mask[:, 1:], target, config=model.config)
     with pytest.raises(ValueError, match="one phrase per prefix"):
@@ -286,8 +288,8 @@ def test_shared_space_command_writes_one_report_for_several_models(tiny, tmp_pat
     for name in ("shared_space.csv", "shared_space.npz", "similarity.png", "answer_language.png", "answer_language_log.png",
                  "index.html"):
         assert (out / name).is_file(), name
-    for models in (" ", f"{other},{other}"):
-        assert main(["shared-space", "--models", models, "--items", str(data), "--out", str(tmp_path / "o2")]) == 2
+    for bad in (["--models", " "], ["--models", f"{other},{other}"], ["--n-boot", "0"]):
+        assert main(["shared-space", *bad, "--items", str(data), "--out", str(tmp_path / "o2")]) == 2
 
 
 # ---- steering with a paired test per cell ------------------------------------------------------------

@@ -48,6 +48,9 @@ def run(args) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise ValueError("--models: give at least one model (comma-separated aliases, directories or hub ids)")
+    for name in ("n_boot", "chunk"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(args, name)}")
     if len(set(models)) != len(models):
         raise ValueError(f"--models names a model twice: {args.models}")
     by_lang, english, template = load_items(args)
