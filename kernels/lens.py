@@ -37,6 +37,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
@@ -476,3 +477,131 @@ def logits_of(params, resid, *, config: ModelConfig):
     w, tied = unembedding(params, config)
     spec = "...d,vd->...v" if tied else "...d,dv->...v"
     return final_softcap(jnp.einsum(spec, normed, w.astype(normed.dtype), preferred_element_type=jnp.float32), config)
+
+
+# ---- log-probabilities of given tokens: teacher-forced phrases (Lim et al., METHODS.md §1) ----------
+
+
+def _lse_local(x, w, *, tied, config, chunk):
+    """Running (max m, s = Σ exp(z - m)) of the lens logits of x [L, M, D] over this device's
+    vocabulary slice, in chunks (the [L, M, V] logits never exist): -> (m, s) [L, M]."""
+    v_local = w.shape[0] if tied else w.shape[1]
+    C = min(chunk, v_local)
+
+    def fold(carry, start, size):
+        m, s = carry
+        z = final_softcap(_chunk_logits(x, w, start, size, tied), config)  # [L, M, C]
+        m_new = jnp.maximum(m, z.max(-1))
+        return m_new, s * jnp.exp(m - m_new) + jnp.exp(z - m_new[..., None]).sum(-1)  # exp(-inf) = 0 at the start
+
+    L, M, _ = x.shape
+    carry = (jnp.full((L, M), -jnp.inf, jnp.float32), jnp.zeros((L, M), jnp.float32))
+    n_full, tail = divmod(v_local, C)
+    carry, _ = lax.scan(lambda c, i: (fold(c, i * C, C), None), carry, jnp.arange(n_full))
+    if tail:  # the remainder as one smaller chunk, as in `_scan_vocab`
+        carry = fold(carry, n_full * C, tail)
+    return carry
+
+
+def _logprobs_local(x, w, targets, *, tied, config, chunk, axis):
+    """One device's share: x [L, B, P, D] normed, targets [B, P, n] -> log-probs [L, B, P, n]."""
+    L, B, Pn, D = x.shape
+    x = x.reshape(L, B * Pn, D)
+    v_local = w.shape[0] if tied else w.shape[1]
+    offset = lax.axis_index(axis) * v_local if axis is not None else 0
+    zt = _target_logits(x, w, targets.reshape(B * Pn, -1), offset, tied, config)  # [L, M, n]
+    m, s = _lse_local(x, w, tied=tied, config=config, chunk=chunk)
+    if axis is not None:  # merge the vocabulary slices: each slice's sum rescaled to the global max
+        zt = lax.psum(zt, axis)
+        m_all = lax.pmax(m, axis)
+        s, m = lax.psum(s * jnp.exp(m - m_all), axis), m_all
+    return (zt - (m + jnp.log(s))[..., None]).reshape(L, B, Pn, -1)
+
+
+def _logprobs(params, resid, targets, translators, *, config, chunk, mesh):
+    """Traceable body of `target_logprobs`: resid [L, B, P, D], targets [B, P, n] int32."""
+    B = resid.shape[1]
+    if translators is not None:
+        resid = apply_translators(resid, translators)
+    x = final_norm(params, resid, config)
+    w, tied = unembedding(params, config)
+    body = partial(_logprobs_local, tied=tied, config=config, chunk=chunk)
+    if mesh is None:
+        return body(x, w, targets, axis=None)
+    data = "data" if B % mesh.shape["data"] == 0 else None
+    vocab = "model" if mesh.shape["model"] > 1 and config.vocab_size % mesh.shape["model"] == 0 else None
+    specs = (P(None, data), P(vocab, None) if tied else P(None, vocab), P(data))
+    fn = jax.shard_map(lambda a, b, c: body(a, b, c, axis=vocab), mesh=mesh, in_specs=specs, out_specs=P(None, data),
+                       check_vma=False)
+    return fn(x, w, targets)
+
+
+def target_logprobs(params, resid, targets, *, config: ModelConfig, valid=None, translators=None, chunk: int = 4096,
+                    mesh: Mesh | None = None):
+    """log softmax(lens_l(h))[target] of residuals resid [L, B, P, D] at ids targets [B, P, n] (or
+    [n]) -> [L, B, P, n] float32, in log space (no underflow where a layer puts ~0 on the token).
+
+    Only the logsumexp runs over the vocabulary (chunked, as `logit_lens`; vocabulary split over
+    `model` on a mesh) and the target logits are gathered once, so it costs less than `logit_lens`
+    with targets (no top-k, entropy or KL). valid [B, P] bool: False rows come back as 0."""
+    _check(resid, config, 1, valid, targets, None, None, translators)
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be a positive number of vocabulary ids")
+    if mesh is None:
+        mesh = params_mesh(params)
+    L, B, Pn, _ = resid.shape
+    targets = jnp.broadcast_to(jnp.asarray(targets, jnp.int32), (B, Pn, np.shape(targets)[-1]))
+    out = _target_logprobs(params, resid, targets, translators, config=config, chunk=chunk, mesh=mesh)
+    return out if valid is None else jnp.where(jnp.asarray(valid, bool)[None, :, :, None], out, 0.0)
+
+
+@partial(jax.jit, static_argnames=("config", "chunk", "mesh"))
+def _target_logprobs(params, resid, targets, translators, *, config, chunk, mesh):
+    return _logprobs(params, resid, targets, translators, config=config, chunk=chunk, mesh=mesh)
+
+
+def phrase_logprobs(params, tokens, mask, target, *, config: ModelConfig, width: int | None = None, chunk: int = 4096,
+                    translators=None, mesh: Mesh | None = None):
+    """Latent log-probability of a teacher-forced phrase at every layer, forward and lens in ONE program.
+
+    tokens, mask [B, T]: prefix + phrase, left-padded (`runtime.batching.make_batches`); target
+    [B, T] bool: the phrase's tokens x_t..x_T (the last columns of their row). Returns [L, B]
+    float32: log p^l(phrase) = Σ_τ log softmax(lens_l(h_{τ-1}))[x_τ], h_{τ-1} being the block-l
+    state at the position before x_τ (the one predicting it). At the last layer it is the model's
+    own teacher-forced log-probability of the phrase.
+
+    Only the `width` last positions are read (default: the longest phrase; a static shape, so
+    pass a rounded value to compile fewer programs), taken inside the scanned layers by a `Take`
+    reducer: neither [L, B, T, D] nor any [.., V] array is formed."""
+    tokens = np.asarray(tokens, np.int32) if not isinstance(tokens, jax.Array) else tokens
+    B, T = tokens.shape
+    if np.shape(mask) != (B, T) or np.shape(target) != (B, T):
+        raise ValueError(f"mask and target must be [batch, tokens] = {(B, T)}; got {np.shape(mask)}, {np.shape(target)}")
+    if width is None:
+        width = int(np.asarray(target).sum(-1).max())
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be a positive number of vocabulary ids")
+    if not 1 <= width <= T - 1:
+        raise ValueError(f"width={width} must be between 1 and T - 1 = {T - 1} (the first token has no state predicting it)")
+    if not isinstance(target, jax.Array) and np.asarray(target)[:, : T - width].any():
+        raise ValueError(f"target marks tokens before the last width={width} columns: phrases must end their row "
+                         "(left padding) and fit in width")
+    if mesh is None:
+        mesh = params_mesh(params)
+    return _phrase_logprobs(params, tokens, jnp.asarray(mask), jnp.asarray(target, bool), translators, config=config,
+                            width=int(width), chunk=chunk, mesh=mesh)
+
+
+@partial(jax.jit, static_argnames=("config", "width", "chunk", "mesh"))
+def _phrase_logprobs(params, tokens, mask, target, translators, *, config, width, chunk, mesh):
+    from jaxlens.core.forward import forward
+    from jaxlens.core.reducers import Take
+    from jaxlens.core.sharding import constrain_batch
+
+    tokens, mask, target = constrain_batch(mesh, tokens, mask, target)
+    B, T = tokens.shape
+    read = jnp.broadcast_to(jnp.arange(T - 1 - width, T - 1, dtype=jnp.int32), (B, width))  # the predicting states
+    _, sites = forward(params, tokens, mask, config=config, reducers={"read": Take("resid_post", read)})
+    lp = _logprobs(params, sites["read"], tokens[:, T - width :, None], translators, config=config, chunk=chunk,
+                   mesh=mesh)[..., 0]  # [L, B, width]
+    return jnp.where(target[None, :, T - width :], lp, 0.0).sum(-1)

@@ -73,6 +73,11 @@ check("states", lambda: last_token_states(model, texts))
 check("generate", lambda: generate_text(model, texts, max_new_tokens=2))
 check("lens grid", lambda: lens_grid(model, texts, k=2, progress=False))
 check("read_last_token", lambda: read_last_token(model, texts, [[frozenset({1, 2})]] * len(texts), progress=False))
+from jaxlens.methods.answer_language import phrase_logprob  # noqa: E402
+from jaxlens.methods.similarity import prompt_states  # noqa: E402
+
+check("phrase_logprob", lambda: phrase_logprob(model, texts, [" mat", " cat sat", " a", " b"], progress=False))
+check("prompt_states", lambda: prompt_states(model, texts))
 vectors = steer.language_vectors(model, items, template)
 check("steer", lambda: steer.steer_scores(model, items, template, vectors, steer.grid([0, 1], [1.0]), positions="last",
                                           progress=False))

@@ -26,9 +26,11 @@ MODEL_HELP = "alias (gemma3-270m, smollm2-135m), HF dir, .gguf, hub id, or a `ja
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, default: str | None = DEFAULT_MODEL,
-                      model_help: str = MODEL_HELP) -> None:
+                      model_help: str = MODEL_HELP, model: bool = True) -> None:
+    """model=False: a command that names its models otherwise (shared-space's --models) gets the rest."""
     g = parser.add_argument_group("model and devices")
-    g.add_argument("--model", default=default, help=model_help)
+    if model:
+        g.add_argument("--model", default=default, help=model_help)
     g.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="parameter dtype (default float32)")
     g.add_argument("--mesh", metavar="AXIS=N,...",
                    help=f"named device mesh, axes {', '.join(MESH_AXES)}: e.g. data=4,model=2 (default: one device; "
@@ -148,7 +150,7 @@ def load_model(args, model: str | None = None, *, delta=None, quiet: bool = Fals
     """jaxlens.load(model or --model) with --dtype on the --mesh mesh (`start` has run: the CLI does it)."""
     import jaxlens
 
-    name = model or args.model or DEFAULT_MODEL
+    name = model or getattr(args, "model", None) or DEFAULT_MODEL
     t0 = time.perf_counter()
     loaded = jaxlens.load(name, dtype=args.dtype, mesh=build_mesh(args), delta=delta)
     if not quiet:

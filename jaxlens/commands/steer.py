@@ -63,6 +63,10 @@ def run(args) -> int:
              f"{'lang':<5} {'unsteered':>9} {'best':>6}  at (layer, alpha)"]
     for lang, best in result["best"].items():
         lines.append(f"{lang:<5} {result['unsteered']['accuracy'][lang]:>9.3f} {best['accuracy']:>6.3f}  ({best['layer']}, {best['alpha']:g})")
+    lines.append(f"{'lang':<5} {'layer':>5} {'alpha':>5} {'change':>7} {'95% paired band':>17} {'+':>3} {'-':>3} {'p (McNemar)':>11}")
+    for r in result["points"]:
+        lines.append(f"{r['lang']:<5} {r['layer']:>5} {r['alpha']:>5g} {r['accuracy_change']:>+7.3f} "
+                     f"[{r['accuracy_change_lo']:+.3f}, {r['accuracy_change_hi']:+.3f}] {r['gained']:>3} {r['lost']:>3} {r['p_mcnemar']:>11.3g}")
     table = "\n".join(lines)
     print(table)
 

@@ -25,3 +25,18 @@ class Take:
     def __call__(self, x, ctx):
         index = self.index.reshape(self.index.shape + (1,) * (x.ndim - 2))
         return jnp.take_along_axis(x, index, axis=1)
+
+
+@struct.dataclass
+class WeightedMean:
+    """The site's mean over positions, weighted per row: weights [B, T] (e.g. the attention mask,
+    less the BOS token) -> [B, ...] per layer, in float32. Mean-pooled prompt states without
+    storing [L, B, T, D]; a row whose weights are all 0 gives 0."""
+
+    site: str = struct.field(pytree_node=False)
+    weights: jnp.ndarray  # [B, T]
+
+    def __call__(self, x, ctx):
+        w = self.weights.astype(jnp.float32).reshape(self.weights.shape + (1,) * (x.ndim - 2))
+        total = (x.astype(jnp.float32) * w).sum(1)
+        return total / jnp.maximum(w.sum(1), 1e-30)

@@ -94,22 +94,47 @@ def steer_scores(model, items: Sequence[Item], template: Template, vectors: dict
                         batch_rows=batch_rows, chunk=chunk, progress=progress)
 
 
-def summarize(items: Sequence[Item], scores: Scores, clean: Scores, points, english: str = "en") -> dict:
+def mcnemar_p(gained: int, lost: int) -> float:
+    """Exact two-sided McNemar test of paired right/wrong outcomes: under no effect each of the
+    gained + lost discordant items flips either way with probability 1/2."""
+    from math import comb
+
+    n, k = gained + lost, min(gained, lost)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def summarize(items: Sequence[Item], scores: Scores, clean: Scores, points, english: str = "en",
+              n_boot: int = 1000, seed: int = 0) -> dict:
     """Per grid point and language: accuracy, consistency and transfer with English, and their
-    change from the unsteered run; and each language's best point by accuracy."""
+    change from the unsteered run; the change's paired test (items gained and lost, the exact
+    McNemar p-value, a paired bootstrap 95% band of the change); and each language's best point
+    by accuracy."""
+    from jaxlens.methods.bootstrap import bootstrap_mean
+    from jaxlens.methods.evaluation import predictions
+
     base = evaluate(items, clean, english)
     method = next(iter(base["methods"]))
     key = "letter" if method == "letter" else "ll"
     b = base["methods"][method]
+    answers = np.array([item.answer for item in items])
+    right_clean = predictions(getattr(clean, key)) == answers
+    lang_of = np.array([item.lang for item in items])
     rows = []
     for g, (layer, alpha) in enumerate(np.asarray(points)):
         point = Scores(**{key: getattr(scores, key)[g]}, n_tokens=scores.n_tokens, n_chars=scores.n_chars)
         m = evaluate(items, point, english)["methods"][method]
+        right = predictions(getattr(scores, key)[g]) == answers
         for lang in base["languages"]:
             if lang == english:
                 continue
+            mine = lang_of == lang
+            gained, lost = int((right & ~right_clean)[mine].sum()), int((~right & right_clean)[mine].sum())
+            _, lo, hi = bootstrap_mean(right[mine].astype(float) - right_clean[mine], n_boot=n_boot, seed=seed)
             entry = {"layer": int(layer), "alpha": float(alpha), "lang": lang, "accuracy": m["accuracy"][lang],
-                     "accuracy_change": m["accuracy"][lang] - b["accuracy"][lang]}
+                     "accuracy_change": m["accuracy"][lang] - b["accuracy"][lang], "accuracy_change_lo": float(lo),
+                     "accuracy_change_hi": float(hi), "gained": gained, "lost": lost, "p_mcnemar": mcnemar_p(gained, lost)}
             for metric in ("consistency", "positive", "negative_any"):
                 if "vs_english" in m:
                     entry[metric] = m["vs_english"][metric][lang]

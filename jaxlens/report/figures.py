@@ -145,3 +145,29 @@ def heatmaps(path, panels: Sequence[tuple[str, np.ndarray]], *, xlabel: str, yla
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def panel_curves(path, panels: Sequence[tuple[str, Mapping[str, tuple]]], *, xlabel: str, ylabel: str,
+                 ylim=None, styles: Mapping[str, dict] | None = None, yscale: str = "linear") -> Path:
+    """Panels side by side, each a title and its series {name: (x [n], mean [n], lo [n], hi [n])}
+    with shaded bands; x may differ per series (models of different depths against relative depth).
+    styles[name]: extra matplotlib line options (colour, linestyle) for that series; yscale "log"
+    for probabilities that span orders of magnitude."""
+    plt = _pyplot()
+    n = max(len(panels), 1)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), dpi=110, squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels):
+        for name, (x, mean, lo, hi) in series.items():
+            (line,) = ax.plot(x, mean, marker="o", markersize=2.5, label=name, **(styles or {}).get(name, {}))
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title, yscale=yscale)
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return _save(fig, path)
