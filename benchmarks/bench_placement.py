@@ -60,7 +60,7 @@ def main() -> None:
             model, items, template, pairs=[[10, 20], [20, 10], [5, 5], [25, 25]], batch_rows=R, progress=False),
         "generate_text (4 tokens)": lambda: generate_text(model, texts, max_new_tokens=4, batch_rows=R),
         "lens grid": lambda: lens_grid(model, texts, k=1, batch_size=R, progress=False),
-        "tuned lens fit (2 steps)": lambda: tuned_lens.fit(model.params, model.config, blocks, steps=2, progress=False),
+        "tuned lens fit (2 steps)": lambda: tuned_lens.fit(model.params, blocks, config=model.config, steps=2, progress=False),
     }
     only = [p for p in args.only.split(",") if p]
     results = {}

@@ -89,8 +89,8 @@ batches = N.corpus_batches(model, corpus, seq_len=16, batch_size=8)
 check("neuron stats", lambda: N.collect(model, batches, progress=False))
 check("perplexity", lambda: N.perplexity(model, batches))
 blocks = tuned_lens.token_blocks(model, texts * 8, batch=8, length=8)
-check("tuned lens fit", lambda: tuned_lens.fit(model.params, cfg, blocks, steps=2, progress=False))
-check("tuned lens kl", lambda: tuned_lens.kl_by_layer(model.params, cfg, blocks))
+check("tuned lens fit", lambda: tuned_lens.fit(model.params, blocks, config=cfg, steps=2, progress=False))
+check("tuned lens kl", lambda: tuned_lens.kl_by_layer(model.params, blocks, config=cfg))
 
 # 3. Per-device FLOPs of two methods' steps, placed as the runtime places them.
 from jaxlens.runtime.placement import put  # noqa: E402

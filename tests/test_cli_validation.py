@@ -102,7 +102,7 @@ def test_report_embeds_a_subset_cjk_font():
 
 MODEL_COMMANDS = (["lens"], ["latent-language"], ["mc-lens"], ["eval"], ["neurons", "stats"], ["neurons", "deactivate", "x"],
                   ["steer"], ["transplant"], ["subspace", "probe"], ["subspace", "report"], ["subspace", "steer"],
-                  ["subspace", "train"])
+                  ["subspace", "train"], ["tuned-lens"], ["shared-space"])
 
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS, ids=" ".join)
@@ -110,14 +110,14 @@ def test_every_model_command_has_the_model_options(command, capsys):
     with pytest.raises(SystemExit):
         cli.main([*command[:2 if command[0] in ("neurons", "subspace") else 1], "--help"])
     text = capsys.readouterr().out
-    for option in ("--model", "--dtype", "--mesh", "--coordinator", "--num-processes", "--process-id", "--distributed",
+    for option in ("--models" if command == ["shared-space"] else "--model", "--dtype", "--mesh", "--coordinator", "--num-processes", "--process-id", "--distributed",
                    "--init-timeout"):
         assert option in text, (command, option)
 
 
 @pytest.mark.parametrize("mesh, message", [
     ("4x2", "expected named axes AXIS=N"),
-    ("data=4,batch=2", "unknown axis 'batch'; the axes are data, model"),
+    ("data=4,batch=2", "unknown axis 'batch'; the axes are data, fsdp, model"),
     ("data=2,data=2", "axis 'data' given twice"),
     ("data=0", "must have at least 1 device"),
     ("data=4096", "needs 4096 devices; only"),

@@ -21,7 +21,7 @@ def trained(tiny_checkpoint):
     # unembedding gives peaked ones, so the layers genuinely disagree.
     model.params = {**model.params, "unembed": model.params["unembed"] * 30}
     blocks = random_tokens(0, (8, 4, 16))
-    translators, log = tuned_lens.fit(model.params, model.config, blocks, steps=30, lr=0.03, progress=False)
+    translators, log = tuned_lens.fit(model.params, blocks, config=model.config, steps=30, lr=0.03, progress=False)
     return model, translators, log, blocks
 
 
@@ -29,16 +29,16 @@ def test_training_lowers_kl_at_every_layer(trained):
     model, translators, log, blocks = trained
     L = model.config.n_layers
     held_out = random_tokens(1, (2, 4, 16))
-    logit = tuned_lens.kl_by_layer(model.params, model.config, held_out)
-    tuned = tuned_lens.kl_by_layer(model.params, model.config, held_out, translators)
+    logit = tuned_lens.kl_by_layer(model.params, held_out, config=model.config)
+    tuned = tuned_lens.kl_by_layer(model.params, held_out, translators, config=model.config)
     assert logit.shape == tuned.shape == (L,)  # the embedding output and blocks 0..L-2
     assert (tuned < logit).all(), (logit, tuned)
     # the closed-form linear shortcut, a starting point for SGD, already lowers it a lot at the block
     # outputs; not at the embedding output of this random model, where 512 tokens of 128 random
     # embeddings cannot predict a context-dependent last residual (it fits the residual, not the KL)
-    shortcut = tuned_lens.fit_shortcut(model.params, model.config, blocks)
+    shortcut = tuned_lens.fit_shortcut(model.params, blocks, config=model.config)
     assert shortcut["A"].shape[0] == L
-    assert (tuned_lens.kl_by_layer(model.params, model.config, held_out, shortcut)[1:] < 0.8 * logit[1:]).all()
+    assert (tuned_lens.kl_by_layer(model.params, held_out, shortcut, config=model.config)[1:] < 0.8 * logit[1:]).all()
     assert log["loss"][-1] < log["loss"][0]
 
 
@@ -84,7 +84,7 @@ def test_loss_and_gradient_are_the_references_summed_kl(trained):
     hidden = jnp.asarray(rng.standard_normal((L, N, D)), jnp.float32)
     labels = jax.nn.log_softmax(jnp.asarray(3 * rng.standard_normal((N, V)), jnp.float32), axis=-1)
     (value, per_layer), grads = jax.value_and_grad(tuned_lens.loss, has_aux=True)(
-        translators, model.params, hidden, labels, jnp.ones(N, jnp.float32), cfg)
+        translators, model.params, hidden, labels, jnp.ones(N, jnp.float32), config=cfg)
     ref_value, ref_grads = reference_loss_and_grad(translators, model.params, hidden, labels)
     assert per_layer.shape == (L,)
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-6)
@@ -100,7 +100,7 @@ def test_training_loss_matches_the_kernel(trained):
     opt = tuned_lens.optimizer(1, lr=0.0, weight_decay=0.0)
     _, _, value, per_layer = tuned_lens._step(translators, opt.init(translators), model.params, tokens,
                                               jnp.ones((4, 16), jnp.int32), config=model.config, opt=opt)
-    kernel = tuned_lens.kl_by_layer(model.params, model.config, np.asarray(tokens)[None], translators)
+    kernel = tuned_lens.kl_by_layer(model.params, np.asarray(tokens)[None], translators, config=model.config)
     np.testing.assert_allclose(np.asarray(per_layer), kernel, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(value), kernel.sum(), rtol=1e-4)
 

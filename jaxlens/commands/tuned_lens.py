@@ -42,14 +42,14 @@ def run(args) -> int:
     held_blocks = tl.token_blocks(model, held, rows, length, limit_tokens=max(args.eval_tokens, rows * length))[: max(1, args.eval_tokens // (rows * length))]
     translators = tl.init_translators(cfg)
     if args.shortcut_tokens:
-        translators = tl.fit_shortcut(model.params, cfg, tl.token_blocks(model, texts, 4, 64, limit_tokens=args.shortcut_tokens))
-    shortcut_kl = tl.kl_by_layer(model.params, cfg, held_blocks, translators)
+        translators = tl.fit_shortcut(model.params, tl.token_blocks(model, texts, 4, 64, limit_tokens=args.shortcut_tokens), config=cfg)
+    shortcut_kl = tl.kl_by_layer(model.params, held_blocks, translators, config=cfg)
     log = {"loss": [], "tokens": 0, "seconds": 0.0}
     if args.steps:  # SGD text from the other end of the corpus than the shortcut's
         blocks = tl.token_blocks(model, texts[::-1], args.batch, args.length, limit_tokens=args.steps * args.batch * args.length)
-        translators, log = tl.fit(model.params, cfg, blocks, steps=args.steps, lr=args.lr, translators=translators)
-    logit = tl.kl_by_layer(model.params, cfg, held_blocks)
-    tuned = tl.kl_by_layer(model.params, cfg, held_blocks, translators)
+        translators, log = tl.fit(model.params, blocks, config=cfg, steps=args.steps, lr=args.lr, translators=translators)
+    logit = tl.kl_by_layer(model.params, held_blocks, config=cfg)
+    tuned = tl.kl_by_layer(model.params, held_blocks, translators, config=cfg)
     names = ["embedding"] + [f"block {i}" for i in range(cfg.n_layers - 1)]
     result = {"model": args.model, "args": {k: v for k, v in vars(args).items() if k != "run"},
               "format": tl.FORMAT_VERSION, "hidden_states": names, "held_out_tokens": int(held_blocks.size),

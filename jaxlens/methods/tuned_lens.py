@@ -62,7 +62,7 @@ def _layer_kl(params, config, h, A, b, logp_final):
     return jnp.sum(jnp.exp(logp_final) * (logp_final - logp), axis=-1)  # [N]
 
 
-def kl_per_layer(translators, params, hidden, logp_final, weights, config: ModelConfig):
+def kl_per_layer(translators, params, hidden, logp_final, weights, *, config: ModelConfig):
     """Mean KL per layer [L] over weighted tokens. hidden [L, N, D] (`hidden_states`); logp_final
     [N, V]; weights [N] (the reference's plain mean over tokens when all are 1: it trains on packed
     text, no padding).
@@ -74,10 +74,10 @@ def kl_per_layer(translators, params, hidden, logp_final, weights, config: Model
     return (kl * weights).sum(-1) / jnp.maximum(weights.sum(), 1.0)
 
 
-def loss(translators, params, hidden, logp_final, weights, config: ModelConfig):
+def loss(translators, params, hidden, logp_final, weights, *, config: ModelConfig):
     """The training loss: the SUM over layers of each layer's mean KL, as the reference (each layer's
     loss back-propagated on its own, so the gradients add). Returns (loss, per-layer KL [L])."""
-    per_layer = kl_per_layer(translators, params, hidden, logp_final, weights, config)
+    per_layer = kl_per_layer(translators, params, hidden, logp_final, weights, config=config)
     return per_layer.sum(), per_layer
 
 
@@ -92,7 +92,7 @@ def _step(translators, opt_state, params, tokens, mask, *, config: ModelConfig, 
     logp_final = jax.lax.stop_gradient(jax.nn.log_softmax(logits.reshape(B * T, -1).astype(jnp.float32), axis=-1))
     weights = mask.reshape(-1).astype(jnp.float32)
     (value, per_layer), grads = jax.value_and_grad(loss, has_aux=True)(translators, params, hidden, logp_final, weights,
-                                                                        config)
+                                                                        config=config)
     updates, opt_state = opt.update(grads, opt_state, translators)
     return optax.apply_updates(translators, updates), opt_state, value, per_layer
 
@@ -134,7 +134,7 @@ def _moments(params, tokens, weights, *, config: ModelConfig):
     return jnp.einsum("lni,lnj->lij", x, x), jnp.einsum("lni,nj->lij", x, y)
 
 
-def fit_shortcut(params, config: ModelConfig, blocks, ridge: float = 1e-3) -> dict:
+def fit_shortcut(params, blocks, *, config: ModelConfig, ridge: float = 1e-3) -> dict:
     """Translators fitted in closed form so that h_i + A_i h_i + b_i best predicts the last block's
     output, for each of the L hidden states (least squares, ridge `ridge` x the mean diagonal; Din et
     al. 2023's linear shortcut). Costs only forward passes, so it uses far more tokens than SGD can
@@ -156,7 +156,7 @@ def fit_shortcut(params, config: ModelConfig, blocks, ridge: float = 1e-3) -> di
     return {"A": jnp.asarray(A, jnp.float32), "b": jnp.asarray(sol[:, D], jnp.float32)}
 
 
-def fit(params, config: ModelConfig, blocks, *, steps: int = 40, lr: float = 0.1, momentum: float = 0.9,
+def fit(params, blocks, *, config: ModelConfig, steps: int = 40, lr: float = 0.1, momentum: float = 0.9,
         weight_decay: float = 1e-3, clip: float | None = 1.0, translators=None, progress: bool = True):
     """Train translators on token blocks [n, batch, length] for `steps` steps (cycling through the
     blocks). Returns (translators, log) with log = {"loss": [...] (the summed KL per step), "tokens": n,
@@ -188,14 +188,14 @@ def train(model, texts, *, steps: int = 40, batch: int = 4, length: int = 64, sh
     shortcut_tokens > 0: start from `fit_shortcut` on that many tokens instead of zero."""
     if shortcut_tokens:
         start = token_blocks(model, texts, batch, length, limit_tokens=shortcut_tokens)
-        kw["translators"] = fit_shortcut(model.params, model.config, start)
+        kw["translators"] = fit_shortcut(model.params, start, config=model.config)
     if not steps:
         return kw.get("translators", init_translators(model.config)), {"loss": [], "tokens": 0, "seconds": 0.0}
     blocks = token_blocks(model, texts, batch, length, limit_tokens=steps * batch * length)
-    return fit(model.params, model.config, blocks, steps=steps, **kw)
+    return fit(model.params, blocks, config=model.config, steps=steps, **kw)
 
 
-def kl_by_layer(params, config: ModelConfig, blocks, translators=None) -> np.ndarray:
+def kl_by_layer(params, blocks, translators=None, *, config: ModelConfig) -> np.ndarray:
     """Mean KL(final || lens) [L] over token blocks [n, batch, length] at the L hidden states the
     translators read (index 0 the embedding output, i block i - 1's output), through the fused
     kernel (translators=None: the logit lens)."""
@@ -220,7 +220,7 @@ def _mesh(params):
 def kl_on_texts(model, texts, translators=None, *, batch: int = 4, length: int = 64, max_batches: int = 4) -> np.ndarray:
     """`kl_by_layer` on held-out texts."""
     blocks = token_blocks(model, texts, batch, length, limit_tokens=max_batches * batch * length)[:max_batches]
-    return kl_by_layer(model.params, model.config, blocks, translators)
+    return kl_by_layer(model.params, blocks, translators, config=model.config)
 
 
 def save(out, translators, *, model_name: str | None = None, config: ModelConfig | None = None, log: dict | None = None) -> Path:
