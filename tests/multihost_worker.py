@@ -19,7 +19,7 @@ import jaxlens
 from conftest import parallel_items
 from jaxlens import cli
 from jaxlens.commands.options import parse_mesh
-from jaxlens.methods import evaluation as ev
+from jaxlens.data.templates import XCOPA_TEMPLATE
 from jaxlens.methods import neurons as N
 from jaxlens.methods import steer
 from jaxlens.methods.readout import lens_grid
@@ -85,7 +85,7 @@ def probes(name: str, mesh) -> dict:
     items = parallel_items() * 3
     L, D = model.config.n_layers, model.config.d_model
     vectors = {"xx": np.random.default_rng(1).standard_normal((L, D)).astype(np.float32)}
-    scores = steer.steer_scores(model, items, ev.XCOPA_TEMPLATE, vectors, steer.grid([0, L - 1], [0.0, 2.0]),
+    scores = steer.steer_scores(model, items, XCOPA_TEMPLATE, vectors, steer.grid([0, L - 1], [0.0, 2.0]),
                                 method="options", progress=False)
     results["sweep/ll"] = scores.ll
     return results

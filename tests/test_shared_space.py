@@ -16,7 +16,9 @@ import pytest
 from conftest import parallel_items
 from jaxlens.core.forward import forward
 from jaxlens.kernels.lens import phrase_logprobs, target_logprobs
-from jaxlens.methods import evaluation as ev
+from jaxlens.data.items import Item
+from jaxlens.data.templates import XCOPA_TEMPLATE
+from jaxlens.methods.scoring import score_items, Scores
 from jaxlens.methods import similarity as sim
 from jaxlens.methods.answer_language import answer_language, phrase_logprob, summarize
 from test_lens_kernel import make_case, reference
@@ -113,12 +115,12 @@ def test_phrase_logprob_of_texts_is_the_harness_option_loglikelihood(tiny):
     option log-likelihood `jaxlens eval` scores (same tokenization: prefix with BOS, phrase alone)."""
     model, _, _ = tiny
     items = parallel_items()
-    template = ev.XCOPA_TEMPLATE
+    template = XCOPA_TEMPLATE
     prefixes = [template.context_text(it) for it in items for _ in it.options]
     phrases = [template.option_text(o) for it in items for o in it.options]
     lp, n_tok = phrase_logprob(model, prefixes, phrases, batch_rows=2, chunk=50, progress=False)
     assert lp.shape == (8, model.config.n_layers) and n_tok.min() >= 2  # multi-token phrases
-    scores = ev.score_items(items, model.tokenizer, template=template, model=model, methods=("options",), progress=False)
+    scores = score_items(items, model.tokenizer, template=template, model=model, methods=("options",), progress=False)
     np.testing.assert_allclose(lp[:, -1], scores.ll.reshape(-1), atol=1e-5)
     # A letter is a phrase too: the lettered prompt, then " A".
     letter, _ = phrase_logprob(model, [template.lettered_text(items[0])], [" A"], progress=False)
@@ -224,12 +226,12 @@ def test_answer_language_reads_both_languages_after_the_query_prompt(tiny):
     model, _, _ = tiny
     items = parallel_items()
     en, xx = items[:2], items[2:]
-    template = ev.XCOPA_TEMPLATE
+    template = XCOPA_TEMPLATE
     reading = answer_language(model, xx, en, template, batch_rows=2, progress=False)
     L = model.config.n_layers
     assert reading.lang == "xx" and all(v.shape == (2, L) for v in reading.logp.values())
     # The last layer of the query-language options is the harness's log-likelihood of xx items.
-    scores = ev.score_items(xx, model.tokenizer, template=template, model=model, methods=("options",), progress=False)
+    scores = score_items(xx, model.tokenizer, template=template, model=model, methods=("options",), progress=False)
     answer = np.array([it.answer for it in xx])
     np.testing.assert_allclose(reading.logp["correct_query"][:, -1], scores.ll[np.arange(2), answer], atol=1e-5)
     np.testing.assert_allclose(reading.logp["wrong_query"][:, -1], scores.ll[np.arange(2), 1 - answer], atol=1e-5)
@@ -243,7 +245,7 @@ def test_answer_language_reads_both_languages_after_the_query_prompt(tiny):
     assert s["query_takes_over"] is None or 0 <= s["query_takes_over"] < L
     np.testing.assert_allclose(s["diff_en_minus_query"][0], (reading.per_token("correct_en") - reading.per_token("correct_query")).mean(0))
     with pytest.raises(ValueError, match="parallel English item"):
-        answer_language(model, xx, [ev.Item("9", "en", "x", ("a", "b"), 0, "cause")], template, progress=False)
+        answer_language(model, xx, [Item("9", "en", "x", ("a", "b"), 0, "cause")], template, progress=False)
 
 
 # ---- on a mesh ----------------------------------------------------------------------------------------
@@ -308,12 +310,12 @@ def test_mcnemar_exact_p():
 def test_steer_summary_counts_gained_and_lost_items():
     from jaxlens.methods import steer
 
-    items = [ev.Item(str(i), lang, "q", ("a", "b"), 0) for lang in ("en", "xx") for i in range(6)]
-    clean = ev.Scores(ll=np.array([[1.0, 0.0]] * 6 + [[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3),
+    items = [Item(str(i), lang, "q", ("a", "b"), 0) for lang in ("en", "xx") for i in range(6)]
+    clean = Scores(ll=np.array([[1.0, 0.0]] * 6 + [[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3),
                       n_tokens=np.ones((12, 2)), n_chars=np.ones((12, 2)))
     # Point 0: unchanged. Point 1: xx gains its 3 wrong items and loses 1 right one.
     steered = np.stack([clean.ll, np.array([[1.0, 0.0]] * 6 + [[0.0, 1.0]] + [[1.0, 0.0]] * 5)])
-    summary = steer.summarize(items, ev.Scores(ll=steered, n_tokens=clean.n_tokens, n_chars=clean.n_chars), clean,
+    summary = steer.summarize(items, Scores(ll=steered, n_tokens=clean.n_tokens, n_chars=clean.n_chars), clean,
                               steer.grid([0], [0.0, 1.0]), n_boot=200)
     same, moved = summary["points"]
     assert (same["gained"], same["lost"], same["p_mcnemar"], same["accuracy_change"]) == (0, 0, 1.0, 0.0)

@@ -27,7 +27,8 @@ from typing import Sequence
 import numpy as np
 
 from jaxlens.methods.bootstrap import bootstrap_mean
-from jaxlens.methods.evaluation import Item, Template
+from jaxlens.data.items import Item
+from jaxlens.data.templates import Template
 
 
 def phrase_logprob(model, prefixes: Sequence[str], phrases: Sequence[str], *, batch_rows: int = 8, chunk: int = 4096,

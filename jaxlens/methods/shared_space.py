@@ -11,20 +11,23 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxlens.data.items import Item
+from jaxlens.data.templates import Template
+from jaxlens.methods.scoring import score_items
 from jaxlens.methods import evaluation as ev
 from jaxlens.methods.answer_language import answer_language, summarize
 from jaxlens.methods.similarity import prompt_states, similarity
 
 
-def paired(items: Sequence[ev.Item], english: Sequence[ev.Item]) -> tuple[list[ev.Item], list[ev.Item]]:
+def paired(items: Sequence[Item], english: Sequence[Item]) -> tuple[list[Item], list[Item]]:
     """The items that have an English partner (same id), and those partners, in the same order."""
     by_id = {it.id: it for it in english}
     keep = [it for it in items if it.id in by_id]
     return keep, [by_id[it.id] for it in keep]
 
 
-def read_model(model, by_lang: dict[str, Sequence[ev.Item]], english: dict[str, tuple[str, Sequence[ev.Item]]],
-               template: ev.Template, *, batch_rows: int = 8, chunk: int = 4096, n_boot: int = 1000, seed: int = 0,
+def read_model(model, by_lang: dict[str, Sequence[Item]], english: dict[str, tuple[str, Sequence[Item]]],
+               template: Template, *, batch_rows: int = 8, chunk: int = 4096, n_boot: int = 1000, seed: int = 0,
                progress: bool = True) -> dict:
     """-> {lang: {"n", "similarity", "answer" (summarize's dict), "reading" (AnswerReading),
     "accuracy" {query, en}, "consistency"}} for every language with parallel English items."""
@@ -38,7 +41,7 @@ def read_model(model, by_lang: dict[str, Sequence[ev.Item]], english: dict[str, 
         X = prompt_states(model, [template.context_text(it) for it in xx], batch_rows=batch_rows, progress=progress)
         Y = prompt_states(model, [template.context_text(it) for it in en], batch_rows=batch_rows, progress=progress)
         reading = answer_language(model, xx, en, template, batch_rows=batch_rows, chunk=chunk, progress=progress)
-        scores = ev.score_items(list(xx) + list(en), model.tokenizer, template=template, model=model, methods=("options",),
+        scores = score_items(list(xx) + list(en), model.tokenizer, template=template, model=model, methods=("options",),
                                 batch_rows=batch_rows, progress=progress)
         answers = np.array([it.answer for it in xx])
         ll_xx, ll_en = scores.ll[: len(xx)], scores.ll[len(xx) :]
