@@ -46,6 +46,8 @@ prefixes = ["The man turned on the tap.\nAnswer:", "She lost her appetite.\nAnsw
 phrases = [" Water.", " The toilet filled with water.", " Milk."]
 x, _ = phrase_logprob(single, prefixes, phrases, batch_rows=2, progress=False)
 y, _ = phrase_logprob(split, prefixes, phrases, batch_rows=2, progress=False)  # rows rounded up to 4 (data axis)
-diffs.append(float(np.abs(x - y).max()))
-print(f"phrase max abs diff 1 vs 8 devices: {max(diffs):.3g}")
+# Other batch shapes (rows 2 vs 4, so other padded lengths): sums of float32 log-probs of up to 8
+# tokens (|x| up to ~40) agree relatively, not to an absolute 1e-5.
+diffs.append(float((np.abs(x - y) / np.maximum(1.0, np.abs(x))).max()))
+print(f"phrase max diff 1 vs 8 devices (the text-level one relative): {max(diffs):.3g}")
 assert max(diffs) < 1e-5, diffs

@@ -147,5 +147,5 @@ def test_mesh_builds_named_axes():
     assert options.parse_mesh("data=4, model=2") == {"data": 4, "model": 2}
     args = argparse.Namespace(mesh="model=1")
     mesh = options.build_mesh(args)
-    assert dict(mesh.shape) == {"data": 1, "model": 1}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "model": 1}
     assert options.build_mesh(argparse.Namespace(mesh=None)) is None  # jaxlens.load's one-device default

@@ -102,7 +102,7 @@ def _lower(probe: str, config: ModelConfig, params, mesh, batch: int, seq_len: i
         from jaxlens.kernels.lens import _lens_from_tokens
 
         return _lens_from_tokens.lower(params, tokens, tokens, None, None, None, None, config=config,
-                                       layers=tuple(range(config.n_layers)), mode="last", k=5, chunk=4096,
+                                       layers=tuple(range(config.n_layers)), mode="last", embedding=False, k=5, chunk=4096,
                                        tile_rows=256, mesh=mesh), (tokens, tokens)
     if probe == "neurons":
         from jaxlens.kernels.neurons import empty_state
