@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +126,13 @@ def parallel_items():
         Item("1", "xx", "A man.", ("Milk.", "The tap."), 1, "effect"),
         Item("2", "xx", "He poured.", ("Water.", "A toilet."), 0, "cause"),
     ]
+
+
+def run_on_8_devices(script: str, *args, timeout: int = 300) -> str:
+    """Run tests/SCRIPT in a fresh process on 8 simulated CPU devices (the device count is fixed at
+    JAX's start, so it cannot be this process); asserts it exited 0 and returns its stdout."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name(script)), *map(str, args)], env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-8000:]
+    return run.stdout

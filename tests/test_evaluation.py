@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_on_8_devices
 
 from jaxlens.data.items import Item, load_jsonl, load_xcopa
 from jaxlens.data.templates import XCOPA_TEMPLATE
@@ -284,17 +285,10 @@ def test_template_override(tmp_path):
 
 @pytest.mark.slow
 def test_eight_devices_score_like_one(tiny):  # ~45 s: a subprocess with 8 host devices
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     _, _, directory = tiny
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    script = Path(__file__).with_name("eval_mesh_check.py")
-    run = subprocess.run([sys.executable, str(script), str(directory)], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "max abs diff 1 vs 8 devices" in run.stdout
+    run = run_on_8_devices("eval_mesh_check.py", directory, timeout=300)
+    assert "max abs diff 1 vs 8 devices" in run
 
 
 @pytest.mark.slow

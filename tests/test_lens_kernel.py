@@ -6,14 +6,11 @@ Reference: FinalNorm -> logits over the whole vocabulary -> softmax -> every out
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_on_8_devices
 
 from jaxlens.core.config import ModelConfig
 from jaxlens.kernels.lens import lens_from_tokens, logit_lens
@@ -233,8 +230,5 @@ def test_real_model_matches_transformers_lens(tiny_checkpoint, model_type):
 @pytest.mark.slow
 def test_eight_devices_match_one(tiny_checkpoint):
     _, directory = tiny_checkpoint("gemma3_text")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    script = Path(__file__).with_name("lens_mesh_check.py")
-    run = subprocess.run([sys.executable, str(script), str(directory)], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "lens max abs diff 1 vs 8 devices" in run.stdout, run.stdout
+    run = run_on_8_devices("lens_mesh_check.py", directory, timeout=300)
+    assert "lens max abs diff 1 vs 8 devices" in run, run

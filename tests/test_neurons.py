@@ -3,7 +3,6 @@ buffer, 1 vs 8 devices, kill-and-resume, deactivation, and the CLI end to end.""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_on_8_devices
 
 import jaxlens
 from jaxlens import cli
@@ -89,11 +89,8 @@ def test_statistics_never_store_layers_by_tokens_by_neurons():
 @pytest.mark.slow
 def test_eight_devices_give_the_same_counts(tiny):
     _, directory = tiny("llama")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run([sys.executable, str(HERE / "neurons_mesh_check.py"), str(directory)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "collect: counts equal on 1 and 8 devices" in run.stdout
+    run = run_on_8_devices("neurons_mesh_check.py", directory, timeout=300)
+    assert "collect: counts equal on 1 and 8 devices" in run
 
 
 @pytest.mark.slow

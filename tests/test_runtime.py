@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_on_8_devices
 
 from jaxlens.runtime.batching import _BUCKETS, bucket, pad_left, padded_length, text_batches
 from jaxlens.runtime.loop import accumulate, run
@@ -52,11 +50,8 @@ def test_stream_reads_back_in_order_and_accumulate_sums(tiny):
 
 def test_every_method_places_its_batch_over_data(tiny):  # ~60 s: a subprocess with 8 host devices
     directory = tiny[2]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    script = Path(__file__).with_name("placement_check.py")
-    run_ = subprocess.run([sys.executable, str(script), str(directory)], env=env, capture_output=True, text=True, timeout=600)
-    assert run_.returncode == 0, run_.stdout + run_.stderr
-    assert "placement ok" in run_.stdout
+    run_ = run_on_8_devices("placement_check.py", directory, timeout=600)
+    assert "placement ok" in run_
 
 
 # The layering (docs/architecture.md): a package imports only the packages below it.

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_on_8_devices
 
 import jaxlens
 from jaxlens import cli
@@ -23,12 +20,9 @@ from jaxlens import cli
 )
 def test_eight_devices_match_one(tiny_checkpoint, model_type):
     _, directory = tiny_checkpoint(model_type)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    script = Path(__file__).with_name("mesh_check.py")
-    run = subprocess.run([sys.executable, str(script), str(directory)], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "max abs diff 1 vs 8 devices" in run.stdout
-    assert "with interventions" in run.stdout
+    run = run_on_8_devices("mesh_check.py", directory, timeout=300)
+    assert "max abs diff 1 vs 8 devices" in run
+    assert "with interventions" in run
 
 
 def test_convert_then_restore_equals_direct_load(tiny_checkpoint, tmp_path):
@@ -70,11 +64,8 @@ def test_fsdp_mesh_matches_one_device(tiny):
     """data=2 x fsdp=2 x model=2: forward with captures, fused lens, neuron statistics equal one
     device's; weights split over fsdp and model and gathered one layer at a time (fsdp_mesh_check.py)."""
     _, _, directory = tiny
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    script = Path(__file__).with_name("fsdp_mesh_check.py")
-    run = subprocess.run([sys.executable, str(script), str(directory)], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "fsdp check ok" in run.stdout, run.stdout
+    run = run_on_8_devices("fsdp_mesh_check.py", directory, timeout=600)
+    assert "fsdp check ok" in run, run
 
 
 def test_make_mesh_refuses_bad_axes():

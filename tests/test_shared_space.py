@@ -5,15 +5,11 @@ model's own plain forward, and the evaluation harness's option log-likelihood.""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import parallel_items
+from conftest import parallel_items, run_on_8_devices
 from jaxlens.core.forward import forward
 from jaxlens.kernels.lens import phrase_logprobs, target_logprobs
 from jaxlens.data.items import Item
@@ -254,12 +250,8 @@ def test_answer_language_reads_both_languages_after_the_query_prompt(tiny):
 @pytest.mark.slow  # a fresh 8-device process compiles every program again (~30 s)
 def test_phrase_logprobs_on_an_8_device_mesh_equal_one_device(tiny):
     _, _, directory = tiny
-    here = Path(__file__).resolve().parent
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(here / "shared_space_mesh_check.py"), str(directory)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "phrase max diff" in proc.stdout
+    proc = run_on_8_devices("shared_space_mesh_check.py", directory, timeout=300)
+    assert "phrase max diff" in proc
 
 
 @pytest.mark.slow  # two models, each compiling its state, phrase and scoring programs (~40 s on 2 shared cores)

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_on_8_devices
 
 from jaxlens.methods import subspace as ss
 from jaxlens.core.forward import forward
@@ -370,17 +371,10 @@ def test_training_errors(tiny, trained):
 
 @pytest.mark.slow
 def test_one_step_on_eight_devices_equals_one(tiny):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     _, _, directory = tiny
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    script = Path(__file__).with_name("subspace_mesh_check.py")
-    run = subprocess.run([sys.executable, str(script), str(directory)], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "train step equal on 1 and 8 devices" in run.stdout
+    run = run_on_8_devices("subspace_mesh_check.py", directory, timeout=600)
+    assert "train step equal on 1 and 8 devices" in run
 
 
 # ---- CLI ----------------------------------------------------------------------------------------

@@ -6,6 +6,16 @@ from __future__ import annotations
 from jaxlens.commands.options import add_model_options, load_model
 
 
+def add_item_options(p) -> None:
+    """The options `load_items` reads (mc-lens and shared-space take the same items)."""
+    p.add_argument("--xcopa", help="XCOPA languages, comma-separated (e.g. zh,sw,it); English from data-gmt")
+    p.add_argument("--items", help="JSONL: one {id, lang, question, options, answer} per line; parallel items share "
+                                   "ids, English items have lang 'en'")
+    p.add_argument("--split", default="val", help="XCOPA split: val | test")
+    p.add_argument("--max-items", type=int, default=None, help="first N items per language")
+    p.add_argument("--template", help="JSON file overriding fields of the prompt template (as `jaxlens eval --template`)")
+
+
 def load_items(args):
     """-> (by_lang, english, template) for `mc_lens` from --xcopa or --items."""
     from jaxlens.data.items import load_jsonl, xcopa_items
@@ -91,11 +101,7 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("mc-lens", help="multiple-choice option probabilities per layer and language, and cosine to English")
     add_model_options(p)
-    p.add_argument("--xcopa", help="XCOPA languages, comma-separated (e.g. zh,sw,it); English from data-gmt")
-    p.add_argument("--items", help="JSONL: one {id, lang, question, options, answer} per line; parallel items share ids")
-    p.add_argument("--split", default="val", help="XCOPA split: val | test")
-    p.add_argument("--max-items", type=int, default=None, help="first N items per language")
-    p.add_argument("--template", help="JSON file overriding fields of the prompt template (as `jaxlens eval --template`)")
+    add_item_options(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (CSV, JSON, npz, PNG, index.html)")

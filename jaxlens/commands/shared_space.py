@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+from jaxlens.commands.mc_lens import add_item_options
 from jaxlens.commands.options import add_model_options, load_model
 
 _SIM = (("last", "cka"), ("mean", "cka"), ("last", "cos_centred"), ("mean", "cos_centred"), ("last", "cos"), ("mean", "cos"))
@@ -172,11 +173,7 @@ def register(sub) -> None:
     p = sub.add_parser("shared-space", help="CKA/cosine to English and the latent answer language, for several models side by side")
     p.add_argument("--models", default="smollm2-135m,gemma3-270m",
                    help="comma-separated models (aliases, HF dirs, .gguf, hub ids), loaded one after another")
-    p.add_argument("--xcopa", help="XCOPA languages, comma-separated (e.g. zh,it); English from data-gmt")
-    p.add_argument("--items", help="JSONL: one {id, lang, question, options, answer} per line; English items have lang 'en'")
-    p.add_argument("--split", default="val", help="XCOPA split: val | test")
-    p.add_argument("--max-items", type=int, default=None, help="first N items per language")
-    p.add_argument("--template", help="JSON file overriding fields of the prompt template (as `jaxlens eval --template`)")
+    add_item_options(p)
     p.add_argument("--batch-rows", type=int, default=8)
     p.add_argument("--chunk", type=int, default=4096, help="vocabulary chunk of the lens's logsumexp")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamplings of the items")
