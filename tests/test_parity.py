@@ -275,8 +275,9 @@ def test_bf16_linear_adds_its_bias_before_rounding():
 
 @pytest.mark.parametrize("attn_block", [0, 4], ids=["reference", "blocked"])
 def test_bf16_attention_scores_and_softmax_in_float32(attn_block):
-    """Small-integer inputs and weights make q, k and v exact in bf16 and the scores (up to a few
-    hundred, where bf16's ulp is 1 to 4) exact in float32: a bf16 score or softmax moves the
+    """Small-integer inputs and weights make q, k and v exact in bf16 and the scores exact in float32.
+    Every score carries a common 900 (one constant feature, 30 x 30 in head dim 0), which the softmax
+    ignores but a bf16 score cannot: its ulp there is 4, so a bf16 score (or softmax) moves the
     probabilities by tens of percent. Both the reference and the blocked online-softmax path, on a
     left-padded batch; compared with the float32 module on the same values."""
     import jax.numpy as jnp
@@ -289,9 +290,14 @@ def test_bf16_attention_scores_and_softmax_in_float32(attn_block):
                       d_ff=8, max_positions=64, attn_block=attn_block)
     rng = np.random.default_rng(3)
     B, T = 2, 11
-    shapes = {"q": (16, 2, 16), "k": (16, 1, 16), "v": (16, 1, 16), "o": (2, 16, 16)}
-    params = {name: {"kernel": rng.integers(-1, 2, shape).astype(np.float32)} for name, shape in shapes.items()}
-    x = rng.integers(-2, 3, (B, T, 16)).astype(np.float32)
+    sparse = lambda *shape: rng.choice([-1.0, 0.0, 0.0, 0.0, 1.0], shape).astype(np.float32)  # noqa: E731
+    params = {name: {"kernel": sparse(*shape)} for name, shape in
+              {"q": (16, 2, 16), "k": (16, 1, 16), "v": (16, 1, 16), "o": (2, 16, 16)}.items()}
+    for name in ("q", "k"):  # head dim 0 reads only feature 0: q_0 = k_0 = 30 on every token
+        params[name]["kernel"][:, :, 0] = 0.0
+        params[name]["kernel"][0, :, 0] = 15.0
+    x = rng.integers(-1, 2, (B, T, 16)).astype(np.float32)
+    x[..., 0] = 2.0
     mask = np.ones((B, T), np.int32)
     mask[1, :3] = 0
     shared = _shared_inputs(cfg, jnp.asarray(mask))
