@@ -194,3 +194,123 @@ def test_blocked_attention_matches_transformers(tiny_checkpoint, model_type):
     for row, seq in enumerate(seqs):
         ref_logits, _, _ = hf_forward(hf_model, seq[None])
         assert max_diff(logits[row, 11 - len(seq):], ref_logits[0]) < TOL
+
+
+# ---- bfloat16: each float32 upcast, on inputs where bf16 arithmetic would visibly lose ------------
+# The reference is the same computation in float64 on the same bf16-representable inputs and weights:
+# an upcast kept means the bf16 result is that value rounded once (within one bf16 ulp, 2^-7).
+BF16_ULP = 2.0**-7
+
+
+def _bf16(rng, a):
+    """float64 values rounded to bfloat16, as (the bf16 array, its exact float64 values)."""
+    import jax.numpy as jnp
+
+    b = jnp.asarray(a, jnp.float32).astype(jnp.bfloat16)
+    return b, np.asarray(b, np.float64)
+
+
+def _within_one_ulp(ours, ref, floor=0.0):
+    err = np.abs(np.asarray(ours, np.float64) - ref)
+    worst = float((err / (BF16_ULP * np.abs(ref) + floor)).max())
+    assert worst <= 1.0, f"bf16 error up to {worst:.1f} ulps of the float32 result"
+
+
+@pytest.mark.parametrize("kind", ["rms", "rms_plus_one", "layer"])
+def test_bf16_norms_compute_in_float32(kind):
+    """Inputs far from zero mean (an offset of 100, bf16 ulp 0.5 there) over 2048 features: a bf16
+    mean is off by up to 0.25, so x - mean and the variance would be wrong by far more than an ulp."""
+    from jaxlens.core.modules import LayerNorm, RMSNorm
+
+    rng = np.random.default_rng(0)
+    D = 2048
+    x, x64 = _bf16(rng, 100.0 + rng.normal(size=(3, D)) * np.exp(rng.normal(size=(3, D))))
+    scale, s64 = _bf16(rng, 1.0 + 0.5 * rng.normal(size=D))
+    if kind == "layer":
+        bias, b64 = _bf16(rng, rng.normal(size=D))
+        out = LayerNorm(1e-5).apply({"params": {"scale": scale, "bias": bias}}, x)
+        c = x64 - x64.mean(-1, keepdims=True)
+        ref = c / np.sqrt((c * c).mean(-1, keepdims=True) + 1e-5) * s64 + b64
+    else:
+        plus_one = kind == "rms_plus_one"
+        out = RMSNorm(1e-6, plus_one).apply({"params": {"scale": scale}}, x)
+        ref = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-6) * (1.0 + s64 if plus_one else s64)
+    assert out.dtype == np.dtype("bfloat16")
+    _within_one_ulp(out, ref)
+
+
+def test_bf16_rope_rotates_in_float32():
+    """x1 cos - x2 sin at positions up to 4000 cancels: with bf16 cos/sin (2^-9 relative error on each
+    product) the difference is wrong by many of its own ulps; in float32 it is rounded once."""
+    import jax.numpy as jnp
+
+    from jaxlens.core.config import RopeConfig
+    from jaxlens.core.rope import apply_rope, rope_tables
+
+    rng = np.random.default_rng(1)
+    x, x64 = _bf16(rng, rng.normal(size=(1, 64, 2, 32)))
+    positions = jnp.asarray(rng.integers(0, 4000, (1, 64)))
+    cos, sin = rope_tables(RopeConfig(theta=10000.0), 32, positions)
+    out = apply_rope(x, cos, sin)
+    c, s = np.asarray(cos, np.float64)[:, :, None], np.asarray(sin, np.float64)[:, :, None]
+    x1, x2 = x64[..., :16], x64[..., 16:]
+    ref = np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    assert out.dtype == np.dtype("bfloat16")
+    _within_one_ulp(out, ref, floor=2.0**-20)
+
+
+def test_bf16_linear_adds_its_bias_before_rounding():
+    """A bias that cancels most of the product (q/k/v biases of Qwen 2 are large): rounding the
+    product to bf16 first would leave its error, an ulp of the product, on a 30x smaller sum."""
+    from jaxlens.core.modules import Linear
+
+    rng = np.random.default_rng(2)
+    x, x64 = _bf16(rng, rng.normal(size=(1, 64)))
+    w, w64 = _bf16(rng, rng.normal(size=(64, 16)))
+    bias, b64 = _bf16(rng, -(x64 @ w64)[0] + rng.uniform(0.2, 0.5, 16))
+    out = Linear((16,), use_bias=True).apply({"params": {"kernel": w, "bias": bias}}, x)
+    assert out.dtype == np.dtype("bfloat16")
+    _within_one_ulp(out, x64 @ w64 + b64)
+
+
+@pytest.mark.parametrize("attn_block", [0, 4], ids=["reference", "blocked"])
+def test_bf16_attention_scores_and_softmax_in_float32(attn_block):
+    """Small-integer inputs and weights make q, k and v exact in bf16 and the scores exact in float32.
+    Every score carries a common 900 (one constant feature, 30 x 30 in head dim 0), which the softmax
+    ignores but a bf16 score cannot: its ulp there is 4, so a bf16 score (or softmax) moves the
+    probabilities by tens of percent. Both the reference and the blocked online-softmax path, on a
+    left-padded batch; compared with the float32 module on the same values."""
+    import jax.numpy as jnp
+
+    from jaxlens.core.config import ModelConfig
+    from jaxlens.core.forward import _shared_inputs
+    from jaxlens.core.modules import Attention, Keys
+
+    cfg = ModelConfig(family="test", vocab_size=8, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                      d_ff=8, max_positions=64, attn_block=attn_block)
+    rng = np.random.default_rng(3)
+    B, T = 2, 11
+    sparse = lambda *shape: rng.choice([-1.0, 0.0, 0.0, 0.0, 1.0], shape).astype(np.float32)  # noqa: E731
+    params = {name: {"kernel": sparse(*shape)} for name, shape in
+              {"q": (16, 2, 16), "k": (16, 1, 16), "v": (16, 1, 16), "o": (2, 16, 16)}.items()}
+    for name in ("q", "k"):  # head dim 0 reads only feature 0: q_0 = k_0 = 30 on every token
+        params[name]["kernel"][:, :, 0] = 0.0
+        params[name]["kernel"][0, :, 0] = 15.0
+    x = rng.integers(-1, 2, (B, T, 16)).astype(np.float32)
+    x[..., 0] = 2.0
+    mask = np.ones((B, T), np.int32)
+    mask[1, :3] = 0
+    shared = _shared_inputs(cfg, jnp.asarray(mask))
+    keys = Keys(shared["mask"], shared["key_mask"], shared["positions"], shared["key_positions"],
+                jnp.asarray(np.iinfo(np.int32).max, jnp.int32))
+    cos, sin = jnp.ones((B, T, 8)), jnp.zeros((B, T, 8))  # rope as the identity: q and k stay integers
+
+    def run(dtype):
+        p = {name: {"kernel": jnp.asarray(v["kernel"], dtype)} for name, v in params.items()}
+        return np.asarray(Attention(cfg).apply({"params": p}, jnp.asarray(x, dtype), cos, sin, keys)[0], np.float64)
+
+    ours, ref = run(jnp.bfloat16), run(jnp.float32)
+    real = mask.astype(bool)
+    scale = np.abs(ref[real]).max()
+    # probabilities and the context rounded to bf16 (as transformers does) before the o projection
+    assert np.abs(ours[real] - ref[real]).max() <= 4 * BF16_ULP * scale

@@ -164,10 +164,12 @@ class Linear(nn.Module):
         kernel = gathered("/".join(self.path) + "/kernel", kernel)  # this layer's weights, whole over fsdp
         letters = "abcdefgh"
         ins, outs = letters[: self.in_axes], letters[self.in_axes : self.in_axes + len(self.out_shape)]
-        y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x, kernel.astype(x.dtype))
+        # float32 accumulation and bias, one rounding to x.dtype (as torch's addmm in bf16): a bias
+        # that cancels most of the product would otherwise add the product's rounding error.
+        y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, self.out_shape, x.dtype).astype(x.dtype)
-        return y
+            y = y + self.param("bias", nn.initializers.zeros, self.out_shape, x.dtype).astype(jnp.float32)
+        return y.astype(x.dtype)
 
 
 class Keys(NamedTuple):
@@ -245,8 +247,10 @@ class Attention(nn.Module):
         B, T = q.shape[:2]
         sow(self, "attn_probs", probs.reshape(B, self.cfg.n_heads, T, -1))
         starts = np.cumsum([0] + [pv.shape[1] for _, pv in parts])
-        return sum(jnp.einsum("bkgts,bskh->btkgh", probs[..., a:b].astype(pv.dtype), pv)
-                   for (_, pv), a, b in zip(parts, starts[:-1], starts[1:]))  # [B,T,K,G,H]
+        # probs in the values' dtype (as transformers), summed in float32 over keys and parts.
+        out = sum(jnp.einsum("bkgts,bskh->btkgh", probs[..., a:b].astype(pv.dtype), pv, preferred_element_type=jnp.float32)
+                  for (_, pv), a, b in zip(parts, starts[:-1], starts[1:]))  # [B,T,K,G,H]
+        return out.astype(parts[-1][1].dtype)
 
     def _blocked(self, q, parts, keys: Keys):
         """The same attention as an online softmax over blocks of `attn_block` keys, with a float32
