@@ -1,7 +1,8 @@
 """Score multiple-choice items under many interventions at once (steering grids, transplant pairs).
 
 A *stack* is P interventions of one kind with a leading [P] axis (`interventions.stack`, or a
-constructor under `jax.vmap`). Per batch of rows (`jaxlens.runtime.batching.make_batches`), one jitted
+constructor under `jax.vmap`), or a `Points`: the arrays all points share given once, and per
+point only what differs (a steering point's layer and alpha), so nothing is copied P times. Per batch of rows (`jaxlens.runtime.batching.make_batches`), one jitted
 program runs all P, `jax.vmap`ped over chunks of the stack and `lax.map`ped over the chunks, and
 reduces each one's logits to scores right away: the [P, rows, positions, vocab] logits never
 exist, so a 262k vocabulary and hundreds of points fit in memory.
@@ -16,11 +17,12 @@ P x tail tokens instead of P x T. The stack's positions are then relative to tho
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxlens.core.config import ModelConfig
 from jaxlens.data.items import Item
@@ -28,6 +30,18 @@ from jaxlens.data.templates import Template
 from jaxlens.methods.scoring import continuation_logprob, letter_logprobs, letter_rows, letter_table, option_rows, Scores, set_letter_scores, set_option_scores
 from jaxlens.runtime.batching import Batch, make_batches
 from jaxlens.core.forward import forward, forward_cached, unembed
+
+
+@struct.dataclass
+class Points:
+    """A stack of P points that share most of their arrays: point p's intervention is
+    make(shared, each[p]). Only `each` (leading [P] axis) is split over points; `shared` reaches
+    every point's program unbatched, so e.g. steering vectors [L, R, 1, D] exist once, not P times.
+    `make` is a module-level function (it is part of the compiled program's cache key)."""
+
+    make: Callable = struct.field(pytree_node=False)
+    shared: Any
+    each: Any
 
 
 def score_letters(logits, args):
@@ -82,14 +96,19 @@ def run_stack(params, tokens, mask, stack, score_args, cache=None, *, config: Mo
 
 
 def map_stack(fn: Callable, stack, limit: int):
-    """fn over every point of a stack (leading [P] axis), inside a program: `jax.vmap` over chunks of
-    at most `limit` points, evenly filled (120 at 32: 4 x 30), `lax.map` over the chunks. Returns
-    fn's outputs with a leading [P] axis."""
+    """fn over every point of a stack (leading [P] axis, or a `Points`), inside a program:
+    `jax.vmap` over chunks of at most `limit` points, evenly filled (120 at 32: 4 x 30), `lax.map`
+    over the chunks. Returns fn's outputs with a leading [P] axis."""
+    if isinstance(stack, Points):
+        make, shared, stack = stack.make, stack.shared, stack.each
+        point = lambda each: fn(make(shared, each))  # noqa: E731  shared: closed over, unbatched
+    else:
+        point = fn
     P = jax.tree.leaves(stack)[0].shape[0]
     chunk = -(-P // -(-P // limit))
     padded = -(-P // chunk) * chunk
     chunks = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], padded - P, 0)]).reshape((-1, chunk) + a.shape[1:]), stack)
-    out = jax.lax.map(jax.vmap(fn), chunks)  # [P/chunk, chunk, ...]
+    out = jax.lax.map(jax.vmap(point), chunks)  # [P/chunk, chunk, ...]
     return jax.tree.map(lambda a: a.reshape((padded,) + a.shape[2:])[:P], out)
 
 

@@ -26,7 +26,7 @@ from jaxlens.data.items import Item
 from jaxlens.data.templates import Template
 from jaxlens.methods.scoring import Scores
 from jaxlens.methods.states import last_token_states
-from jaxlens.methods.sweep import auto_chunk, map_stack, prefix_cache, run_stack, sweep_scores
+from jaxlens.methods.sweep import Points, auto_chunk, map_stack, prefix_cache, run_stack, sweep_scores
 
 SITE = "mlp_out"  # the MLP's output before the residual add
 
@@ -37,12 +37,19 @@ def all_pairs(n_layers: int) -> np.ndarray:
     return np.stack([i.ravel(), j.ravel()], axis=-1).astype(np.int32)
 
 
-def pair_stack(source, pairs, at, site: str = SITE):
-    """The transplant of every pair as one stacked intervention [P]: source [R, L, D] (each row's
-    source states), pairs [P, 2] (i, j), at [R, K] bool (where each row's value lands)."""
+def pair_stack(source, pairs, at, site: str = SITE) -> Points:
+    """The transplant of every pair as one stack of P points: source [R, L, D] (each row's source
+    states), pairs [P, 2] (i, j), at [R, K] bool (where each row's value lands). The sources and
+    landing positions are shared (`sweep.Points`); a pair carries (i, j) and takes source layer i's
+    [R, D] inside its program."""
     source = jnp.asarray(source)
-    rows = jnp.arange(source.shape[0])
-    return jax.vmap(lambda pair: iv.transplant(site, source[rows, pair[0]], pair[1], at))(jnp.asarray(pairs))
+    shared = iv.transplant(site, source[:, 0], 0, at)  # its value and layer: each pair's own
+    return Points(_pair_point, (shared, source), jnp.asarray(pairs, jnp.int32))
+
+
+def _pair_point(shared, pair):
+    base, source = shared
+    return base.replace(value=source[:, pair[0]][:, None, :], layers=pair[1][None])
 
 
 def landing(prompt_last, T: int, tail: int):
