@@ -119,3 +119,26 @@ def test_shared_vectors_equal_the_broadcast_stack(tiny, layers, alphas, chunk):
                                           score=score_options, tail_only=tail_only, chunk=chunk)) for s in (stack, old))
         np.testing.assert_array_equal(got, want)
         assert got.shape == (len(points), R) and np.isfinite(got).all()
+
+
+def test_auto_chunk_budgets_what_a_point_holds():
+    """The chunk counts each point's activations, KV cache and stack arrays, not only its logits:
+    it shrinks as d_model or the re-run length T grows, or a cache is carried; tiny points hit the cap."""
+    from jaxlens.core.config import ModelConfig
+    from jaxlens.methods.sweep import auto_chunk, point_bytes
+
+    def chunk(d_model=64, T=16, cache=0, tail_only=False):
+        cfg = ModelConfig(family="test", vocab_size=1000, d_model=d_model, n_layers=32, n_heads=8, n_kv_heads=8,
+                          head_dim=d_model // 8, d_ff=4 * d_model, max_positions=8192)
+        live = point_bytes(cfg, 8, 1 if tail_only else T, T, cache=cache)
+        return auto_chunk(8, 1, cfg.vocab_size, tail_only, live=live)
+
+    assert chunk() == 8 and chunk(tail_only=True) == 32  # small points: the caps
+    assert chunk(d_model=4096, T=64) < chunk(d_model=1024, T=64) < 8
+    assert chunk(d_model=1024, T=1024) < chunk(d_model=1024, T=128) < 8
+    assert chunk(d_model=1024, T=8, cache=4096, tail_only=True) < chunk(d_model=1024, T=8, tail_only=True)
+    assert chunk(d_model=8192, T=4096) == 1  # never 0
+    # The formula's terms, checked by hand for one point: activations, scores and probs, KV cache.
+    cfg = ModelConfig(family="test", vocab_size=10, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8,
+                      d_ff=32, max_positions=64, attn_block=4)
+    assert point_bytes(cfg, 3, 5, 20, cache=7) == 3 * 5 * (6 * 16 + 4 * 32) * 4 + 2 * 3 * 2 * 5 * 4 * 4 + 2 * 2 * 3 * 7 * 1 * 8 * 4

@@ -91,6 +91,7 @@ def generate_sweep(params, tokens, mask, source, pairs, eos, *, config: ModelCon
     The clean pass runs once over all but the last column; each pair re-runs the last prompt token
     with its transplant on that cache (the prefill) and decodes from there (`generate.decode`)."""
     from jaxlens.methods.generate import decode
+    from jaxlens.methods.sweep import itemsize_of, point_bytes
 
     cache = prefix_cache(params, tokens, mask, config=config, tail=1)
     stack = pair_stack(source, pairs, jnp.ones((tokens.shape[0], 1), bool), site)
@@ -98,7 +99,10 @@ def generate_sweep(params, tokens, mask, source, pairs, eos, *, config: ModelCon
     def one(point):
         return decode(params, tokens[:, -1:], mask[:, -1:], point, eos, cache, config=config, max_new_tokens=max_new_tokens)
 
-    return map_stack(one, stack, chunk or auto_chunk(tokens.shape[0], 1, config.vocab_size, True))
+    # Each pair decodes on its own copy of the cache (prefix + its tail): the chunk is sized to it.
+    R, S = tokens.shape[0], tokens.shape[1] + max_new_tokens
+    live = point_bytes(config, R, 1, S, cache=S, stack=stack, itemsize=itemsize_of(params))
+    return map_stack(one, stack, chunk or auto_chunk(R, 1, config.vocab_size, True, live=live))
 
 
 # ---- items: sources from the parallel English prompts, scores per pair, the paper's analyses ----
