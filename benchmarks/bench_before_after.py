@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_before_after.py                    # this checkout
     /path/to/old/.venv/bin/python benchmarks/bench_before_after.py       # the commit before (its own venv)
+    .venv/bin/python benchmarks/bench_before_after.py lens               # some probes only (lens neurons steer)
 
 Runs whichever jaxlens its interpreter imports (the imports fall back to the pre-issue-11 flat
 layout, jaxlens.steer / jaxlens.evaluation / jaxlens.neurons / jaxlens.commands.lens.read_grid),
@@ -35,15 +36,15 @@ def timed(fn, warm: int) -> dict:
     return {"first_cpu_s": round(t1 - t0, 2), "warm_cpu_s": round((time.process_time() - t1) / warm, 2)}
 
 
-def main() -> None:
-    model = jaxlens.load("smollm2-135m")
-    out = {"jaxlens": jaxlens.__file__}
+def lens_probe(model, out: dict) -> None:
     try:
         from jaxlens.methods.readout import lens_grid
     except ImportError:
         from jaxlens.commands.lens import read_grid as lens_grid
     out["lens grid (16 prompts)"] = timed(lambda: lens_grid(model, PROMPTS, k=5, batch_size=8, progress=False), 3)
 
+
+def neurons_probe(model, out: dict) -> None:
     try:
         from jaxlens.methods import neurons as N
     except ImportError:
@@ -52,6 +53,8 @@ def main() -> None:
     batches = make(model, N.default_corpus("test"), seq_len=128, batch_size=8, budget=1500)
     out[f"neuron statistics ({len(batches)} batches)"] = timed(lambda: N.collect(model, batches, progress=False), 2)
 
+
+def steer_probe(model, out: dict) -> None:
     try:
         from jaxlens.data.items import xcopa_items
         from jaxlens.data.templates import XCOPA_TEMPLATE
@@ -67,6 +70,20 @@ def main() -> None:
         out[f"steering sweep, 6 points, positions={positions}"] = timed(
             lambda: steer.steer_scores(model, items, XCOPA_TEMPLATE, vectors, points, positions=positions, method="options",
                                        progress=False), 2)
+
+
+PROBES = {"lens": lens_probe, "neurons": neurons_probe, "steer": steer_probe}
+
+
+def main() -> None:
+    names = sys.argv[1:] or list(PROBES)
+    unknown = sorted(set(names) - set(PROBES))
+    if unknown:
+        sys.exit(f"unknown probe(s) {unknown}: choose from {list(PROBES)}")
+    model = jaxlens.load("smollm2-135m")
+    out = {"jaxlens": jaxlens.__file__}
+    for name in names:
+        PROBES[name](model, out)
     print(json.dumps(out))
 
 
