@@ -106,3 +106,21 @@ def test_lens_keeps_only_the_read_positions():
     p = PL.plan(config, mesh, probe="lens", dtype="float32", batch=B, seq_len=T)
     full_capture = config.n_layers * B * T * config.d_model * 4
     assert p.per_device["temps"] < full_capture / 2, (p.per_device, full_capture)
+
+
+@pytest.mark.parametrize("probe", ["steer", "transplant"])
+def test_sweep_probes_compile_the_real_step(probe):
+    """The steer / transplant probes lower `run_stack` with the methods' own stacks: more points
+    add 8 bytes of inputs each (their layer and alpha, or their pair; vectors and sources are shared)."""
+    from jaxlens.core.config import ModelConfig
+
+    config = ModelConfig(family="test", vocab_size=128, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16,
+                         d_ff=96, max_positions=512)
+    mesh = jaxlens.make_mesh(1, 1, devices=jax.devices()[:1])
+    B, T = 4, 64
+    small, big = (PL.plan(config, mesh, probe=probe, dtype="float32", batch=B, seq_len=T, points=g) for g in (8, 40))
+    per_point = (big.per_device["inputs"] - small.per_device["inputs"]) / 32
+    assert per_point == 8, (small.per_device, big.per_device)  # int32 + float32, or two int32 (was 4 KiB, 1 KiB)
+    assert big.flops_per_token > small.flops_per_token
+    with pytest.raises(ValueError, match="points"):
+        PL.plan(config, mesh, probe=probe, dtype="float32", batch=B, seq_len=T, points=0)

@@ -263,3 +263,33 @@ def test_cli_refuses_a_pilot_that_does_not_fit_before_loading(tmp_path, monkeypa
                               for lang in ("en", "xx") for i in range(4)))
     with pytest.raises(SystemExit, match="needs 5 items per language; xx has 4"):
         main(["transplant", "--data", str(data), "--langs", "xx", "--pilot", "4", "--out", str(tmp_path / "x")])
+
+
+def broadcast_pair_stack(source, pairs, at, site="mlp_out"):
+    """The construction before sources were shared (the reference): each pair carries its [R, 1, D]
+    value and its own copy of the landing positions."""
+    source = jnp.asarray(source)
+    rows = jnp.arange(source.shape[0])
+    return jax.vmap(lambda pair: iv.transplant(site, source[rows, pair[0]], pair[1], at))(jnp.asarray(pairs))
+
+
+def test_shared_sources_equal_the_broadcast_stack(setup):
+    """Pairs carry (i, j) only, the sources once: scores and generations are bitwise the old stack's."""
+    from jaxlens.methods.generate import decode
+    from jaxlens.methods.sweep import map_stack, prefix_cache, run_stack
+
+    config, params, target, tmask, source = setup
+    T, tail = target.shape[1], 2
+    pairs = np.array([[2, 0], [0, 1], [1, 1], [0, 2], [2, 2]], np.int32)
+    at = xt.landing(np.full(3, T - tail), T, tail)
+    got, want = (np.asarray(run_stack(params, target, tmask, s, None, config=config, tail=tail, score=option_logits,
+                                      tail_only=True, chunk=2)) for s in (xt.pair_stack(source, pairs, at),
+                                                                           broadcast_pair_stack(source, pairs, at)))
+    np.testing.assert_array_equal(got, want)
+    eos = jnp.asarray([-1], jnp.int32)
+    new = xt.generate_sweep(params, target, tmask, source, pairs, eos, config=config, max_new_tokens=3, chunk=2)
+    cache = prefix_cache(params, target, tmask, config=config, tail=1)
+    old = map_stack(lambda point: decode(params, target[:, -1:], tmask[:, -1:], point, eos, cache, config=config,
+                                         max_new_tokens=3), broadcast_pair_stack(source, pairs, jnp.ones((3, 1), bool)), 2)
+    for a, b in zip(new, old):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -50,7 +50,7 @@ def _reexec(args, devices: int) -> int:
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", _CHILD: str(devices)}
     argv = ["plan", "--model", args.model, "--mesh", args.mesh, "--dtype", args.dtype, "--batch", args.batch,
             "--probe", args.probe, "--capture", args.capture, "--device-memory", args.device_memory,
-            "--languages", str(args.languages)] + (["--no-search"] if args.no_search else []) + \
+            "--languages", str(args.languages), "--points", str(args.points)] + (["--no-search"] if args.no_search else []) + \
            (["--json", str(args.json)] if args.json else [])
     return subprocess.run([sys.executable, "-m", "jaxlens.cli", *argv], env=env).returncode
 
@@ -63,6 +63,8 @@ def run(args) -> int:
     device_bytes = parse_memory(args.device_memory)
     if args.probe not in PROBES:
         raise ValueError(f"--probe {args.probe!r}: choose one of {', '.join(PROBES)}")
+    if args.points < 1:
+        raise ValueError(f"--points {args.points}: a sweep needs at least one point")
     config = load_config(args.model)  # before any compile: a wrong --model fails fast
     n = sizes["data"] * sizes["fsdp"] * sizes["model"]
 
@@ -75,7 +77,7 @@ def run(args) -> int:
     from jaxlens.methods.plan import format_bytes, largest_batch, plan, total_params_bytes
 
     mesh = jaxlens.make_mesh(devices=jax.devices()[:n], **sizes)
-    kw = dict(probe=args.probe, dtype=args.dtype, seq_len=seq_len, n_groups=args.languages,
+    kw = dict(probe=args.probe, dtype=args.dtype, seq_len=seq_len, n_groups=args.languages, points=args.points,
               capture=tuple(filter(None, args.capture.split(","))))
     p = plan(config, mesh, batch=batch, **kw)
     mesh_text = " ".join(f"{a}={s}" for a, s in sizes.items())
@@ -83,10 +85,11 @@ def run(args) -> int:
           f"mesh {mesh_text} ({n} devices, {jax.devices()[0].platform}); compiled in {p.compile_s:.1f} s")
     total_params = total_params_bytes(config, args.dtype)
     d = p.per_device
+    inputs_extra = {"neurons": ", accumulators", "steer": ", the stacked points", "transplant": ", the stacked points"}
     print("per device:")
     print(f"  params            {format_bytes(d['params']):>12}   (all params {format_bytes(total_params)}; / {n} devices = "
           f"{format_bytes(total_params / n)})")
-    print(f"  inputs            {format_bytes(d['inputs']):>12}   (tokens, mask{', accumulators' if args.probe == 'neurons' else ''})")
+    print(f"  inputs            {format_bytes(d['inputs']):>12}   (tokens, mask{inputs_extra.get(args.probe, '')})")
     print(f"  outputs           {format_bytes(d['outputs']):>12}")
     print(f"  XLA temporaries   {format_bytes(d['temps']):>12}   (activations, gathered layer weights, scores)")
     print(f"  total             {format_bytes(d['total']):>12}")
@@ -120,9 +123,11 @@ def register(sub) -> None:
     p.add_argument("--mesh", default="data=1", help="axis sizes, e.g. data=2,fsdp=8,model=4 (simulated devices)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch", default="1x2048", help="ROWSxTOKENS (default 1x2048)")
-    p.add_argument("--probe", default="forward", help="forward (with --capture) | lens | neurons")
+    p.add_argument("--probe", default="forward", help="forward (with --capture) | lens | neurons | steer (a steering "
+                   "grid of --points points, every position) | transplant (--points layer pairs, a one-token tail)")
     p.add_argument("--capture", default="resid_post", help="forward probe: sites captured, comma-separated ('' = none)")
     p.add_argument("--languages", type=int, default=8, help="neurons probe: number of language groups")
+    p.add_argument("--points", type=int, default=64, help="steer / transplant probes: points of the sweep")
     p.add_argument("--device-memory", default="16GB",
                    help="per-device memory: 16GB, 16GiB, or a device (v5e, v5p, v6e, a100-40, a100-80, h100, h200)")
     p.add_argument("--no-search", action="store_true", help="skip the search for the largest batch that fits")

@@ -23,7 +23,7 @@ from jaxlens.core.forward import _forward, param_shapes
 from jaxlens.core.sharding import batch_spec, data_size, params_shardings, path_str, undivided
 from jaxlens.core.sites import check_sites
 
-PROBES = ("forward", "lens", "neurons")
+PROBES = ("forward", "lens", "neurons", "steer", "transplant")
 
 # HBM per chip, GiB (vendors' figures): `--device-memory` accepts these names.
 DEVICE_MEMORY_GIB = {"v5e": 16, "v5p": 95, "v6e": 32, "a100-40": 40, "a100-80": 80, "h100": 80, "h200": 141}
@@ -93,7 +93,7 @@ def mesh_warnings(config: ModelConfig, mesh, batch: int) -> list[str]:
 
 
 def _lower(probe: str, config: ModelConfig, params, mesh, batch: int, seq_len: int, capture: tuple[str, ...],
-           n_groups: int):
+           n_groups: int, points: int = 64):
     rows = NamedSharding(mesh, batch_spec(mesh, batch, warn=False))
     tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=rows)
     if probe == "forward":
@@ -114,11 +114,46 @@ def _lower(probe: str, config: ModelConfig, params, mesh, batch: int, seq_len: i
         groups = jax.ShapeDtypeStruct((batch, n_groups), jnp.float32, sharding=rows)
         return _stats_step(config, False, mesh).lower(params, state, tokens, tokens, tokens, groups), \
             (state, tokens, tokens, tokens, groups)
+    if probe in ("steer", "transplant"):
+        return _lower_sweep(probe, config, params, mesh, tokens, points)
     raise ValueError(f"probe={probe!r}: choose one of {', '.join(PROBES)}")
 
 
+def _lower_sweep(probe: str, config: ModelConfig, params, mesh, tokens, points: int):
+    """One batch of a sweep as `sweep_scores` runs it, letters scored: "steer", a steering grid of
+    `points` (layer, alpha) points at every prompt position (full passes, `jaxlens steer`'s default);
+    "transplant", `points` (source, target) layer pairs on the shared prefix cache (a one-token tail).
+    The stack is built by the method's own constructor, abstractly, so it weighs what the real one does."""
+    import numpy as np
+
+    from jaxlens.methods.steer import steering_stack
+    from jaxlens.methods.sweep import run_stack, score_letters
+    from jaxlens.methods.transplant import pair_stack
+
+    if points < 1:
+        raise ValueError(f"points={points}: a sweep needs at least one point")
+    replicated = NamedSharding(mesh, P())
+    placed = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)  # noqa: E731
+    R, T = tokens.shape
+    L = config.n_layers
+    rows = jax.ShapeDtypeStruct((R, L, config.d_model), jnp.float32)  # each row's vectors / source states
+    if probe == "steer":
+        grid = np.stack([np.arange(points) % L, np.ones(points)], -1)  # (layer, alpha)
+        stack = jax.eval_shape(lambda v, at: steering_stack(v, grid, at), rows, jax.ShapeDtypeStruct((R, T), jnp.bool_))
+        tail_only = False
+    else:
+        pairs = np.stack([np.arange(points) % L, np.arange(points) // L % L], -1).astype(np.int32)
+        stack = jax.eval_shape(lambda s: pair_stack(s, pairs, jnp.ones((R, 1), bool)), rows)
+        tail_only = True
+    args = placed((jax.ShapeDtypeStruct((4, 2), jnp.int32), jax.ShapeDtypeStruct((R,), jnp.int32)))  # 4 letters
+    stack = placed(stack)
+    lowered = run_stack.lower(params, tokens, tokens, stack, args, config=config, tail=1, score=score_letters,
+                              tail_only=tail_only)
+    return lowered, (tokens, tokens, stack, args)
+
+
 def plan(config: ModelConfig, mesh, *, probe: str = "forward", dtype="bfloat16", batch: int = 1, seq_len: int = 2048,
-         capture=("resid_post",), n_groups: int = 8) -> Plan:
+         capture=("resid_post",), n_groups: int = 8, points: int = 64) -> Plan:
     """Compile `probe` for [batch, seq_len] tokens on `mesh` and read its per-device memory
     (params: this device's shards; arguments, outputs, temps: XLA's memory analysis) and FLOPs."""
     import time
@@ -130,7 +165,7 @@ def plan(config: ModelConfig, mesh, *, probe: str = "forward", dtype="bfloat16",
     capture = check_sites(capture) if probe == "forward" else ()
     params = abstract_params(config, mesh, dtype)
     start = time.perf_counter()
-    lowered, inputs = _lower(probe, config, params, mesh, batch, seq_len, capture, n_groups)
+    lowered, inputs = _lower(probe, config, params, mesh, batch, seq_len, capture, n_groups, points)
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
@@ -146,14 +181,16 @@ def plan(config: ModelConfig, mesh, *, probe: str = "forward", dtype="bfloat16",
     per_device["total"] = (per_device["params"] + per_device["inputs"] + per_device["outputs"] + per_device["temps"]
                            - int(mem.alias_size_in_bytes))
     return Plan(probe, dict(mesh.shape), str(jnp.dtype(resolve_dtype(dtype))), batch, seq_len, per_device,
-                flops_per_token(config, seq_len, probe), mesh_warnings(config, mesh, batch), seconds)
+                flops_per_token(config, seq_len, probe, points), mesh_warnings(config, mesh, batch), seconds)
 
 
-def flops_per_token(config: ModelConfig, seq_len: int, probe: str = "forward") -> float:
+def flops_per_token(config: ModelConfig, seq_len: int, probe: str = "forward", points: int = 1) -> float:
     """Matmul FLOPs per token as the program computes them (XLA's cost analysis counts a loop body
     once, not once per layer, so it cannot give this): 2 x every layer's kernels, q.k and p.v over
     all seq_len keys (masks skip no work), and the unembedding (forward) or the lens's one per
-    layer at the last position (lens)."""
+    layer at the last position (lens). Sweeps, per prompt token of the batch: a steering grid runs
+    `points` full passes, unembedded at the last position; a transplant sweep one clean pass and
+    per point one re-run token (attending to all seq_len keys), unembedded."""
     kernels = 0
     for kp, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]:
         path = path_str(kp)
@@ -161,6 +198,10 @@ def flops_per_token(config: ModelConfig, seq_len: int, probe: str = "forward") -
             kernels += math.prod(leaf.shape)
     attention = 4 * seq_len * config.n_heads * config.head_dim * config.n_layers
     head = config.d_model * config.vocab_size
+    if probe == "steer":
+        return float(points * (2 * kernels + attention + 2 * head / seq_len))
+    if probe == "transplant":
+        return float(2 * kernels + attention + points * (2 * kernels + attention + 2 * head) / seq_len)
     head = {"forward": 2 * head, "lens": 2 * head * config.n_layers / seq_len, "neurons": 0}[probe]
     return float(2 * kernels + attention + head)
 

@@ -5,14 +5,13 @@ Language vector of language xx at layer l: v_l = mean h_l(en) - mean h_l(xx), th
 layer l's output, at every position of the prompt (`positions="all"`) or only at its last token
 (`"last"`: then each grid point re-runs only the scored positions on a shared KV cache). A grid
 of (layer, α) points runs as one program per batch (`jaxlens.methods.sweep`): each row gets its own
-language's vector, English rows a zero one.
+language's vector, English rows a zero one; the vectors are shared by the points, not copied.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,7 +21,7 @@ from jaxlens.data.templates import Template
 from jaxlens.methods.evaluation import evaluate
 from jaxlens.methods.scoring import Scores
 from jaxlens.methods.states import last_token_states
-from jaxlens.methods.sweep import sweep_scores
+from jaxlens.methods.sweep import Points, sweep_scores
 
 SITE = "resid_post"
 
@@ -57,14 +56,20 @@ def grid(layers: Sequence[int], alphas: Sequence[float]) -> np.ndarray:
     return np.array([(layer, alpha) for layer in layers for alpha in alphas], np.float64)
 
 
-def steering_stack(vectors, points, positions=None, site: str = SITE):
-    """One stacked `add` per grid point: vectors [R, L, D] (each row's language vector), points
-    [G, 2] (layer, alpha), positions [R, K] bool or None (all). Layer l adds alpha * v_l."""
+def steering_stack(vectors, points, positions=None, site: str = SITE) -> Points:
+    """One `add` per grid point: vectors [R, L, D] (each row's language vector), points [G, 2]
+    (layer, alpha), positions [R, K] bool or None (all). Layer l adds alpha * v_l. The vectors and
+    positions are shared by all points (`sweep.Points`); a point carries its layer and alpha only,
+    and makes its [R, 1, D] delta inside its program at the layer it steers."""
     per_layer = jnp.swapaxes(jnp.asarray(vectors), 0, 1)  # [L, R, D]
-    layers = jnp.asarray(points[:, 0], jnp.int32)
-    alphas = jnp.asarray(points[:, 1], jnp.float32)
-    return jax.vmap(lambda layer, alpha: iv.add(site, per_layer, alpha, layers=layer, positions=positions, per_layer=True))(
-        layers, alphas)
+    shared = iv.add(site, per_layer, 0.0, layers=0, positions=positions, per_layer=True)
+    points = np.asarray(points)
+    return Points(_steer_point, shared, (jnp.asarray(points[:, 0], jnp.int32), jnp.asarray(points[:, 1], jnp.float32)))
+
+
+def _steer_point(shared, point):
+    layer, alpha = point
+    return shared.replace(layers=layer[None], alpha=alpha)
 
 
 def steer_scores(model, items: Sequence[Item], template: Template, vectors: dict[str, np.ndarray], points, *,

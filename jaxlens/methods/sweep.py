@@ -1,7 +1,8 @@
 """Score multiple-choice items under many interventions at once (steering grids, transplant pairs).
 
 A *stack* is P interventions of one kind with a leading [P] axis (`interventions.stack`, or a
-constructor under `jax.vmap`). Per batch of rows (`jaxlens.runtime.batching.make_batches`), one jitted
+constructor under `jax.vmap`), or a `Points`: the arrays all points share given once, and per
+point only what differs (a steering point's layer and alpha), so nothing is copied P times. Per batch of rows (`jaxlens.runtime.batching.make_batches`), one jitted
 program runs all P, `jax.vmap`ped over chunks of the stack and `lax.map`ped over the chunks, and
 reduces each one's logits to scores right away: the [P, rows, positions, vocab] logits never
 exist, so a 262k vocabulary and hundreds of points fit in memory.
@@ -16,11 +17,12 @@ P x tail tokens instead of P x T. The stack's positions are then relative to tho
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxlens.core.config import ModelConfig
 from jaxlens.data.items import Item
@@ -28,6 +30,18 @@ from jaxlens.data.templates import Template
 from jaxlens.methods.scoring import continuation_logprob, letter_logprobs, letter_rows, letter_table, option_rows, Scores, set_letter_scores, set_option_scores
 from jaxlens.runtime.batching import Batch, make_batches
 from jaxlens.core.forward import forward, forward_cached, unembed
+
+
+@struct.dataclass
+class Points:
+    """A stack of P points that share most of their arrays: point p's intervention is
+    make(shared, each[p]). Only `each` (leading [P] axis) is split over points; `shared` reaches
+    every point's program unbatched, so e.g. steering vectors [L, R, 1, D] exist once, not P times.
+    `make` is a module-level function (it is part of the compiled program's cache key)."""
+
+    make: Callable = struct.field(pytree_node=False)
+    shared: Any
+    each: Any
 
 
 def score_letters(logits, args):
@@ -49,12 +63,35 @@ def prefix_cache(params, tokens, mask, *, config: ModelConfig, tail: int):
     return forward_cached(params, tokens[:, : T - tail], mask[:, : T - tail], config=config)[2]
 
 
-def auto_chunk(rows: int, tail: int, vocab: int, tail_only: bool, budget_bytes: int = 256 * 2**20) -> int:
+def auto_chunk(rows: int, tail: int, vocab: int, tail_only: bool, budget_bytes: int = 256 * 2**20, *,
+               live: int = 0) -> int:
     """Points per vmapped chunk: a one-token tail is cheap per point and re-reads every weight per
-    chunk, so more points per chunk run faster (SmolLM2, 8 rows: 8 -> 30 points is 1.4x); the
-    [chunk, rows, tail, vocab] float32 logits stay under `budget_bytes`. Full passes: at most 8."""
-    fit = budget_bytes // (rows * tail * vocab * 4)
+    chunk, so more points per chunk run faster (SmolLM2, 8 rows: 8 -> 30 points is 1.4x); a chunk's
+    points together stay under `budget_bytes`, each holding its [rows, tail, vocab] float32 logits
+    and `live` bytes more (`point_bytes`: activations, its own KV cache, its stack arrays).
+    Full passes: at most 8."""
+    fit = budget_bytes // (rows * tail * vocab * 4 + live)
     return int(max(1, min(fit, 32 if tail_only else 8)))
+
+
+def point_bytes(config: ModelConfig, rows: int, run: int, keys: int, *, cache: int = 0, stack=None, itemsize: int = 4) -> int:
+    """What one vmapped point holds live besides its logits, in bytes (global shapes: an upper bound
+    per device). `run` positions re-run per point (T for a full pass, the tail on a KV cache), each
+    attending to `keys` keys; `cache` columns of KV the point carries itself (a generation's cache);
+    `stack`: the point's share of the stack's per-point arrays (a `Points`' `each`, else all):
+      activations of one layer step   rows x run x (6 D + 4 F) x itemsize  (residual, norm, q, attention
+                                      out, MLP out, the captured final norm; gate/up, activation, hidden)
+      attention scores and probs      2 x rows x heads x run x min(keys, attn_block) x 4
+      its KV cache                    2 x L x rows x cache x kv_heads x head_dim x itemsize
+      its stack arrays                bytes of the stack / P"""
+    c = config
+    block = min(keys, c.attn_block) if c.attn_block else keys
+    activations = rows * run * (6 * c.d_model + 4 * c.d_ff) * itemsize + 2 * rows * c.n_heads * run * block * 4
+    kv = 2 * c.n_layers * rows * cache * c.n_kv_heads * c.head_dim * itemsize
+    per_point = stack.each if isinstance(stack, Points) else stack
+    leaves = jax.tree.leaves(per_point)
+    own = sum(a.size * a.dtype.itemsize for a in leaves) // leaves[0].shape[0] if leaves else 0
+    return int(activations + kv + own)
 
 
 @partial(jax.jit, static_argnames=("config", "tail", "score", "tail_only", "chunk"))
@@ -78,18 +115,30 @@ def run_stack(params, tokens, mask, stack, score_args, cache=None, *, config: Mo
             _, sites = forward(params, tokens, mask, config=config, capture=("final_norm",), interventions=intervention)
             return score(unembed(params, sites["final_norm"][:, T - tail :], config), score_args)
 
-    return map_stack(one, stack, chunk or auto_chunk(tokens.shape[0], tail, config.vocab_size, tail_only))
+    R, run = tokens.shape[0], (tail if tail_only else T)
+    live = point_bytes(config, R, run, T, stack=stack, itemsize=itemsize_of(params))
+    return map_stack(one, stack, chunk or auto_chunk(R, tail, config.vocab_size, tail_only, live=live))
+
+
+def itemsize_of(params) -> int:
+    """Bytes per activation: the params' float dtype (activations follow the weights)."""
+    return max(jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
 
 
 def map_stack(fn: Callable, stack, limit: int):
-    """fn over every point of a stack (leading [P] axis), inside a program: `jax.vmap` over chunks of
-    at most `limit` points, evenly filled (120 at 32: 4 x 30), `lax.map` over the chunks. Returns
-    fn's outputs with a leading [P] axis."""
+    """fn over every point of a stack (leading [P] axis, or a `Points`), inside a program:
+    `jax.vmap` over chunks of at most `limit` points, evenly filled (120 at 32: 4 x 30), `lax.map`
+    over the chunks. Returns fn's outputs with a leading [P] axis."""
+    if isinstance(stack, Points):
+        make, shared, stack = stack.make, stack.shared, stack.each
+        point = lambda each: fn(make(shared, each))  # noqa: E731  shared: closed over, unbatched
+    else:
+        point = fn
     P = jax.tree.leaves(stack)[0].shape[0]
     chunk = -(-P // -(-P // limit))
     padded = -(-P // chunk) * chunk
     chunks = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], padded - P, 0)]).reshape((-1, chunk) + a.shape[1:]), stack)
-    out = jax.lax.map(jax.vmap(fn), chunks)  # [P/chunk, chunk, ...]
+    out = jax.lax.map(jax.vmap(point), chunks)  # [P/chunk, chunk, ...]
     return jax.tree.map(lambda a: a.reshape((padded,) + a.shape[2:])[:P], out)
 
 

@@ -26,7 +26,7 @@ from jaxlens.data.items import Item
 from jaxlens.data.templates import Template
 from jaxlens.methods.scoring import Scores
 from jaxlens.methods.states import last_token_states
-from jaxlens.methods.sweep import auto_chunk, map_stack, prefix_cache, run_stack, sweep_scores
+from jaxlens.methods.sweep import Points, auto_chunk, map_stack, prefix_cache, run_stack, sweep_scores
 
 SITE = "mlp_out"  # the MLP's output before the residual add
 
@@ -37,12 +37,19 @@ def all_pairs(n_layers: int) -> np.ndarray:
     return np.stack([i.ravel(), j.ravel()], axis=-1).astype(np.int32)
 
 
-def pair_stack(source, pairs, at, site: str = SITE):
-    """The transplant of every pair as one stacked intervention [P]: source [R, L, D] (each row's
-    source states), pairs [P, 2] (i, j), at [R, K] bool (where each row's value lands)."""
+def pair_stack(source, pairs, at, site: str = SITE) -> Points:
+    """The transplant of every pair as one stack of P points: source [R, L, D] (each row's source
+    states), pairs [P, 2] (i, j), at [R, K] bool (where each row's value lands). The sources and
+    landing positions are shared (`sweep.Points`); a pair carries (i, j) and takes source layer i's
+    [R, D] inside its program."""
     source = jnp.asarray(source)
-    rows = jnp.arange(source.shape[0])
-    return jax.vmap(lambda pair: iv.transplant(site, source[rows, pair[0]], pair[1], at))(jnp.asarray(pairs))
+    shared = iv.transplant(site, source[:, 0], 0, at)  # its value and layer: each pair's own
+    return Points(_pair_point, (shared, source), jnp.asarray(pairs, jnp.int32))
+
+
+def _pair_point(shared, pair):
+    base, source = shared
+    return base.replace(value=source[:, pair[0]][:, None, :], layers=pair[1][None])
 
 
 def landing(prompt_last, T: int, tail: int):
@@ -84,6 +91,7 @@ def generate_sweep(params, tokens, mask, source, pairs, eos, *, config: ModelCon
     The clean pass runs once over all but the last column; each pair re-runs the last prompt token
     with its transplant on that cache (the prefill) and decodes from there (`generate.decode`)."""
     from jaxlens.methods.generate import decode
+    from jaxlens.methods.sweep import itemsize_of, point_bytes
 
     cache = prefix_cache(params, tokens, mask, config=config, tail=1)
     stack = pair_stack(source, pairs, jnp.ones((tokens.shape[0], 1), bool), site)
@@ -91,7 +99,10 @@ def generate_sweep(params, tokens, mask, source, pairs, eos, *, config: ModelCon
     def one(point):
         return decode(params, tokens[:, -1:], mask[:, -1:], point, eos, cache, config=config, max_new_tokens=max_new_tokens)
 
-    return map_stack(one, stack, chunk or auto_chunk(tokens.shape[0], 1, config.vocab_size, True))
+    # Each pair decodes on its own copy of the cache (prefix + its tail): the chunk is sized to it.
+    R, S = tokens.shape[0], tokens.shape[1] + max_new_tokens
+    live = point_bytes(config, R, 1, S, cache=S, stack=stack, itemsize=itemsize_of(params))
+    return map_stack(one, stack, chunk or auto_chunk(R, 1, config.vocab_size, True, live=live))
 
 
 # ---- items: sources from the parallel English prompts, scores per pair, the paper's analyses ----
