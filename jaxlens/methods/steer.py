@@ -21,7 +21,7 @@ from jaxlens.data.templates import Template
 from jaxlens.methods.evaluation import evaluate
 from jaxlens.methods.scoring import Scores
 from jaxlens.methods.states import last_token_states
-from jaxlens.methods.sweep import Points, sweep_scores
+from jaxlens.methods.sweep import Points, layer_alpha_points, sweep_scores
 
 SITE = "resid_post"
 
@@ -62,14 +62,7 @@ def steering_stack(vectors, points, positions=None, site: str = SITE) -> Points:
     positions are shared by all points (`sweep.Points`); a point carries its layer and alpha only,
     and makes its [R, 1, D] delta inside its program at the layer it steers."""
     per_layer = jnp.swapaxes(jnp.asarray(vectors), 0, 1)  # [L, R, D]
-    shared = iv.add(site, per_layer, 0.0, layers=0, positions=positions, per_layer=True)
-    points = np.asarray(points)
-    return Points(_steer_point, shared, (jnp.asarray(points[:, 0], jnp.int32), jnp.asarray(points[:, 1], jnp.float32)))
-
-
-def _steer_point(shared, point):
-    layer, alpha = point
-    return shared.replace(layers=layer[None], alpha=alpha)
+    return layer_alpha_points(iv.add(site, per_layer, 0.0, layers=0, positions=positions, per_layer=True), points)
 
 
 def steer_scores(model, items: Sequence[Item], template: Template, vectors: dict[str, np.ndarray], points, *,

@@ -315,7 +315,7 @@ def steer_scores(model, items, template, sub: Subspace, points, *, kind: str = "
                  method: str = "letters", batch_rows: int = 8, chunk: int | None = None, progress: bool = True):
     """Scores [G, N, O] of every item at every (layer, alpha) point of `points` [G, 2], one program
     per batch (`jaxlens.sweep`): each row gets its own language's δ_k (English and unknown: none)."""
-    from jaxlens.methods.sweep import sweep_scores
+    from jaxlens.methods.sweep import layer_alpha_points, sweep_scores
 
     if kind not in KINDS:
         raise ValueError(f"unknown intervention kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -332,9 +332,10 @@ def steer_scores(model, items, template, sub: Subspace, points, *, kind: str = "
             at = jnp.arange(T - tail, T)[None, :] == jnp.asarray(batch.prompt_last)[:, None]
         else:
             at = jnp.asarray(batch.mask, bool)
-        layers = jnp.asarray(points[:, 0], jnp.int32)
-        alphas = jnp.asarray(points[:, 1], jnp.float32)
-        return jax.vmap(lambda layer, alpha: intervention(sub, kind, rows, layer, alpha, at))(layers, alphas)
+        # The subspace's arrays once for all points; a point sets its layer and its `alpha` field
+        # (a projection of strength s scales the specific component by 1 - s).
+        field = 1.0 - points[:, 1] if kind == "project" else points[:, 1]
+        return layer_alpha_points(intervention(sub, kind, rows, 0, 0.0, at), np.stack([points[:, 0], field], -1))
 
     return sweep_scores(model, items, template, build, methods=(method,), tail_only=positions == "last",
                         batch_rows=batch_rows, chunk=chunk, progress=progress)

@@ -44,6 +44,18 @@ class Points:
     each: Any
 
 
+def layer_alpha_points(shared, points) -> Points:
+    """A (layer, alpha) grid over one intervention: `shared` is built once (at any layer and alpha),
+    points [G, 2] (layer, alpha value of its `alpha` field); each point only sets those two."""
+    points = np.asarray(points)
+    return Points(_at_layer_alpha, shared, (jnp.asarray(points[:, 0], jnp.int32), jnp.asarray(points[:, 1], jnp.float32)))
+
+
+def _at_layer_alpha(shared, point):
+    layer, alpha = point
+    return shared.replace(layers=layer[None], alpha=alpha)
+
+
 def score_letters(logits, args):
     """logits [R, tail, V] -> (restricted letter log-probs [R, n], their full-softmax mass [R])."""
     table, n_options = args
