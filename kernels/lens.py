@@ -389,8 +389,10 @@ def lens_from_tokens(params, tokens, mask=None, *, config: ModelConfig, layers=N
                      targets=None, token_sets=None, translators=None, embedding: bool = False, chunk: int = 4096,
                      tile_rows: int = 256, mesh: Mesh | None = None) -> dict:
     """Forward pass and logit lens in ONE jitted program: tokens [B, T] -> the lens outputs at
-    `layers` (default all; a sequence of block indices) and `positions` ('last', 'all', or [B, P]
-    int). The KL reference is always the model's last layer (appended internally when not asked).
+    `layers` (default all; a sequence of block indices) and `positions` ('last', 'all', [B, P]
+    int, or packed: a pair (rows, cols) of [G, M] ints from `runtime.batching.pack_positions`, the
+    real tokens of G groups of rows, so padding costs the lens nothing; outputs then [L, G, M, ...]).
+    The KL reference is always the model's last layer (appended internally when not asked).
     embedding: also read the embedding output (`embed`, HF's hidden_states[0]) as the FIRST row of
     every output (then [1 + len(layers), ...]).
     translators: the tuned lens in the reference's layout (`hidden_states`): {A [n_layers, D, D],
@@ -407,7 +409,13 @@ def lens_from_tokens(params, tokens, mask=None, *, config: ModelConfig, layers=N
     layers = tuple(range(n)) if layers is None else tuple(int(i) % n for i in layers)
     if isinstance(positions, str) and positions not in ("last", "all"):
         raise ValueError(f"positions={positions!r}: use 'last', 'all' or a [batch, positions] int array")
-    if not isinstance(positions, str):
+    if isinstance(positions, tuple):
+        rows, cols = (jnp.asarray(a, jnp.int32) for a in positions)
+        if rows.ndim != 2 or rows.shape != cols.shape or tokens.shape[0] % rows.shape[0]:
+            raise ValueError(f"packed positions must be (rows, cols) of one shape [groups, M], the groups dividing the "
+                             f"batch of {tokens.shape[0]}; got {tuple(rows.shape)} and {tuple(cols.shape)}")
+        positions = (rows, cols)
+    elif not isinstance(positions, str):
         positions = jnp.asarray(positions, jnp.int32)
         if positions.ndim != 2 or positions.shape[0] != tokens.shape[0]:
             raise ValueError(f"positions must be 'last', 'all' or [batch, positions] ints; got shape {tuple(positions.shape)}")
@@ -443,23 +451,28 @@ def translators_at_blocks(translators):
 def _lens_from_tokens(params, tokens, mask, positions, targets, token_sets, translators, *, config, layers, mode, embedding,
                       k, chunk, tile_rows, mesh):
     from jaxlens.core.forward import forward
-    from jaxlens.core.reducers import Take
+    from jaxlens.core.reducers import Take, TakePacked
     from jaxlens.core.sharding import constrain_batch, weights_mesh
 
     tokens, mask = constrain_batch(mesh, tokens, mask)  # host arrays in: the batch still splits
-    index, valid = _positions(mask, mode if mode is not None else positions)
+    if isinstance(positions, tuple):  # packed: the groups' real tokens, [G, M]
+        take = TakePacked("resid_post", *positions)
+        index = positions[1]
+        valid = (index >= 0) & take(mask.astype(bool), None)
+    else:
+        index, valid = _positions(mask, mode if mode is not None else positions)
+        take = Take("resid_post", index)
     # Each layer keeps only the read positions ([L, B, P, D]), never the whole [L, B, T, D].
     with weights_mesh(mesh):  # traced params: the forward gathers each layer over fsdp as it goes
         _, sites = forward(params, tokens, mask, config=config, capture=("embed",) if embedding else (),
-                           reducers={"read": Take("resid_post", index)})
+                           reducers={"read": take})
     read = layers if layers[-1] == config.n_layers - 1 else layers + (config.n_layers - 1,)  # + the reference
     resid = sites["read"][jnp.asarray(read)]  # [L', B, P, D]
     if translators is not None:
         at_blocks = jax.tree.map(lambda a: a[jnp.asarray(read)], translators_at_blocks(translators))
         translators = jax.tree.map(lambda e, a: jnp.concatenate([e[:1], a]), translators, at_blocks) if embedding else at_blocks
     if embedding:  # [B, T, D] (no layer axis): read at the same positions
-        embed = jnp.take_along_axis(sites["embed"], index[:, :, None], axis=1)  # [B, P, D]
-        resid = jnp.concatenate([embed[None], resid], axis=0)
+        resid = jnp.concatenate([take(sites["embed"], None)[None], resid], axis=0)
     if targets is not None and targets.ndim == 3 and targets.shape[1] != index.shape[1]:
         raise ValueError(f"targets [B, P, n] must have P = {index.shape[1]} positions; got {tuple(targets.shape)}")
     out = _lens(params, resid, valid, targets, token_sets, None, translators, config=config, k=k, chunk=chunk,

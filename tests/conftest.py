@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED = Path(os.environ.get("JAXLENS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("JAXLENS_SHARED", ROOT.parent / "shared"))
+
+# The repo root holds kernels/ and converters/ (installed as jaxlens.kernels, jaxlens.converters). On
+# sys.path (`python -m pytest` puts the working directory there) its kernels/ shadows PyPI's `kernels`,
+# which transformers >= 5.25 imports with torch: take the root off before any test imports transformers.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 _COMMON = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,

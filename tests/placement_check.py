@@ -116,6 +116,22 @@ ratio = stats_flops["data=8"] / stats_flops["data=1"]
 print(f"neuron-statistics step per-device flops data=8 / data=1: {ratio:.3f}")
 assert ratio < 0.2, stats_flops  # the [L, K, F] accumulator add is replicated; the forward is split
 
+from jaxlens.kernels.lens import _lens_from_tokens  # noqa: E402
+from jaxlens.runtime.batching import pack_positions  # noqa: E402
+
+# The lens grid's packed read: each data shard gathers its own rows' real tokens (no all-gather of the
+# activations). One row tile (tile_rows large), so the cost analysis, which counts a loop body once, counts it all.
+lens_flops = {}
+for name, m in (("data=1", one), ("data=8", model)):
+    t, k, r, c = put(m.mesh, batch.tokens, batch.mask, *pack_positions(batch.mask, 8 if name == "data=8" else 1)[:2])
+    compiled = _lens_from_tokens.lower(m.params, t, k, (r, c), None, None, None, config=cfg, layers=(0,), mode=None,
+                                       embedding=False, k=2, chunk=4096, tile_rows=10**6, mesh=m.mesh).compile()
+    assert "all-gather" not in compiled.as_text(), f"{name}: the packed read gathers across devices"
+    lens_flops[name] = flops(compiled)
+ratio = lens_flops["data=8"] / lens_flops["data=1"]
+print(f"packed lens per-device flops data=8 / data=1: {ratio:.3f}")
+assert ratio < 0.2, lens_flops  # 1/8 of the rows, each group's M bucketed to its own largest count
+
 # 4. One compile per length bucket.
 long_items = [Item(str(n), "en", "The man." + " a" * n, ("Water.", "The toilet."), n % 2, "cause") for n in range(0, 26, 2)]
 before = tail_logits._cache_size()

@@ -223,6 +223,21 @@ def test_real_model_matches_transformers_lens(tiny_checkpoint, model_type):
     np.testing.assert_allclose(np.asarray(last["kl"])[0, :, 0], kl[0, :, -1], atol=2e-4)
     np.testing.assert_allclose(np.asarray(last["top_probs"])[0, :, 0], -np.sort(-p[0, :, -1], -1)[:, :4], atol=2e-5)
 
+    # packed (the lens grid's read): only the real tokens, in 1 group of both rows or 2 groups of one
+    from jaxlens.runtime.batching import pack_positions
+
+    for groups in (1, 2):
+        rows, cols, start = pack_positions(mask, groups)
+        packed = lens_from_tokens(model.params, tokens, mask, config=model.config, positions=(rows, cols), k=4,
+                                  targets=targets, chunk=48)
+        assert packed["top_probs"].shape == (L, groups, rows.shape[1], 4)
+        for r in range(2):
+            run, g = slice(start[r], start[r] + keep[r].sum()), r // (2 // groups)
+            np.testing.assert_allclose(np.asarray(packed["top_probs"])[:, g, run], -np.sort(-p, -1)[..., :4][:, r, keep[r]], atol=2e-5)
+            np.testing.assert_allclose(np.asarray(packed["kl"])[:, g, run], kl[:, r, keep[r]], atol=2e-4)
+            np.testing.assert_allclose(np.asarray(packed["target_probs"])[:, g, run], p[..., targets][:, r, keep[r]], atol=2e-5)
+        assert np.asarray(packed["valid"]).sum() == keep.sum() and (np.asarray(packed["top_ids"])[:, ~np.asarray(packed["valid"])] == -1).all()
+
 
 # ---- sharded: 8 forced host devices give the numbers of one ----------------------------------------
 

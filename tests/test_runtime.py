@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import run_on_8_devices
 
-from jaxlens.runtime.batching import _BUCKETS, bucket, pad_left, padded_length, text_batches
+from jaxlens.runtime.batching import _BUCKETS, bucket, pack_positions, pad_left, padded_length, text_batches
 from jaxlens.runtime.loop import accumulate, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +24,23 @@ def test_bucket_and_padding():
     assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1]]  # the padding row has one token
     with pytest.raises(ValueError, match="do not fit"):
         pad_left([[1]] * 3, rows=2, length=4)
+
+
+def test_pack_positions_lists_each_groups_real_tokens():
+    rng = np.random.default_rng(3)
+    for R, T, G in ((4, 10, 1), (8, 20, 4), (6, 7, 3)):
+        lengths = rng.integers(1, T + 1, R)
+        _, mask = pad_left([[1] * n for n in lengths], R, T)
+        rows, cols, start = pack_positions(mask, G)
+        per = R // G
+        assert rows.shape == cols.shape == (G, bucket(max(lengths.reshape(G, per).sum(1))))
+        for r in range(R):  # row r's tokens are a run of its group's columns, positions ascending
+            g, n = r // per, lengths[r]
+            run = slice(start[r], start[r] + n)
+            assert (rows[g, run] == r % per).all() and (cols[g, run] == np.arange(T - n, T)).all()
+        assert ((cols >= 0).sum(1) == lengths.reshape(G, per).sum(1)).all()  # the rest is padding (-1)
+    with pytest.raises(ValueError, match="groups"):
+        pack_positions(mask, 4)
 
 
 def test_text_batches_keep_order_and_bucket(tiny):

@@ -11,6 +11,7 @@ and a `SiteContext` (`ctx.layer` the layer index, `ctx.mask` [B, T] the attentio
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import struct
 
@@ -25,6 +26,23 @@ class Take:
     def __call__(self, x, ctx):
         index = self.index.reshape(self.index.shape + (1,) * (x.ndim - 2))
         return jnp.take_along_axis(x, index, axis=1)
+
+
+@struct.dataclass
+class TakePacked:
+    """The site's value at (row, position) pairs packed per group: the batch's B rows are G equal
+    groups of consecutive rows (one per data shard, so each gather stays on its device), and
+    rows, cols [G, M] int32 index a group's rows and positions (col < 0: a padding entry, reads
+    position 0) -> [G, M, ...] per layer. Reads only the real tokens of a left-padded batch."""
+
+    site: str = struct.field(pytree_node=False)
+    rows: jnp.ndarray  # [G, M], row within the group
+    cols: jnp.ndarray  # [G, M]
+
+    def __call__(self, x, ctx):
+        G = self.rows.shape[0]
+        grouped = x.reshape(G, x.shape[0] // G, *x.shape[1:])
+        return jax.vmap(lambda xs, r, c: xs[r, c])(grouped, self.rows, jnp.maximum(self.cols, 0))
 
 
 @struct.dataclass

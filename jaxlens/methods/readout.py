@@ -100,23 +100,34 @@ def lens_grid(model, prompts: Sequence[str], k: int, batch_size: int = 8, progre
               embedding: bool = False) -> list[dict]:
     """Per prompt: input_ids [T], top_ids / top_probs [L, T, k], entropy [L, T] at every position
     (the fused kernel; with `translators`, the tuned lens), in bucketed batches over the mesh.
-    embedding: the embedding output first, then the L blocks ([1 + L, T, ...])."""
+    embedding: the embedding output first, then the L blocks ([1 + L, T, ...]).
+
+    The lens reads only the real tokens (packed per data shard, `pack_positions`): its work, L x V
+    per token, is most of the run, and padding would cost as much as a real token."""
+    from jaxlens.core.sharding import data_size
     from jaxlens.kernels.lens import lens_from_tokens
-    from jaxlens.runtime.batching import text_batches
+    from jaxlens.runtime.batching import pack_positions, text_batches
     from jaxlens.runtime.loop import stream
     from jaxlens.runtime.placement import batch_rows as rows_for
 
-    batches = text_batches(model, prompts, rows_for(model.mesh, min(batch_size, len(prompts))))
+    rows = rows_for(model.mesh, min(batch_size, len(prompts)))  # a multiple of the data shards
+    batches = text_batches(model, prompts, rows)
+    groups = data_size(model.mesh)
+    packed = {id(b): pack_positions(b.mask, groups) for b in batches}
     keep = ("top_ids", "top_probs", "entropy")
 
-    def step(b, tokens, mask):
-        out = lens_from_tokens(model.params, tokens, mask, config=model.config, positions="all", k=k, translators=translators,
-                               embedding=embedding)
-        return {name: out[name] for name in keep}
+    def step(b, tokens, mask, pack_rows, pack_cols):
+        out = lens_from_tokens(model.params, tokens, mask, config=model.config, positions=(pack_rows, pack_cols), k=k,
+                               translators=translators, embedding=embedding)
+        return {name: out[name] for name in keep}  # [L, G, M, ...]
 
     results = []
-    for b, out in stream(batches, step, mesh=model.mesh, inputs=lambda b: (b.tokens, b.mask), desc="lens", progress=progress):
+    for b, out in stream(batches, step, mesh=model.mesh, inputs=lambda b: (b.tokens, b.mask, *packed[id(b)][:2]), desc="lens",
+                         progress=progress):
+        start = packed[id(b)][2]
+        per = rows // groups
         for row in range(b.n_real):
             real = b.mask[row].astype(bool)  # [T]
-            results.append({"input_ids": b.tokens[row, real], **{name: out[name][:, row][:, real] for name in keep}})
+            cols = slice(start[row], start[row] + real.sum())
+            results.append({"input_ids": b.tokens[row, real], **{name: out[name][:, row // per, cols] for name in keep}})
     return results

@@ -97,6 +97,31 @@ def text_batches(model, texts: Sequence[str], rows: int, room: int = 0) -> list[
     return batches
 
 
+def pack_positions(mask: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The real tokens of a padded batch, packed: the R rows are `groups` equal groups of
+    consecutive rows (one per data shard), and each group's real (row, position) pairs are listed
+    row by row into M columns, M the largest group's count, bucketed (one program per bucket).
+
+    Returns rows, cols [groups, M] int32 (row within the group; col -1 = padding entry) and
+    start [R]: row r's tokens are columns start[r] .. start[r] + mask[r].sum() of group r // (R / groups).
+    A lens read this way costs the real tokens, not R x T (`kernels.lens.lens_from_tokens`)."""
+    R, T = mask.shape
+    if groups < 1 or R % groups:
+        raise ValueError(f"groups={groups} must divide the batch's {R} rows")
+    per = R // groups
+    real = mask.astype(bool).reshape(groups, per, T)
+    M = bucket(int(real.sum((1, 2)).max()))
+    rows = np.zeros((groups, M), np.int32)
+    cols = np.full((groups, M), -1, np.int32)
+    start = np.zeros(R, np.int64)
+    for g in range(groups):
+        r, c = np.nonzero(real[g])  # row-major: row by row, positions ascending
+        rows[g, : len(r)], cols[g, : len(c)] = r, c
+        counts = real[g].sum(1)
+        start[g * per : (g + 1) * per] = np.cumsum(counts) - counts
+    return rows, cols, start
+
+
 # ---------------------------------------------------------------------------------------------
 # Scored rows: a context and a continuation (multiple choice, sweeps)
 
