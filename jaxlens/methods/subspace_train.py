@@ -237,5 +237,5 @@ def save(out, result: TrainResult, *, model_name: str | None = None, config: Mod
                 "n_layers": config.n_layers if config else None, "d_model": config.d_model if config else None,
                 "train": dataclasses.asdict(train_config) if train_config else None, "log": result.log}
         write_json(tmp / META_FILE, meta)
-    barrier(f"trained layers saved to {Path(out).absolute()}")
+    barrier("trained layers saved")  # the same name on every process (their paths may be spelled apart)
     return Path(out)

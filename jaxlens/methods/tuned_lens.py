@@ -239,7 +239,7 @@ def save(out, translators, *, model_name: str | None = None, config: ModelConfig
                 "model": model_name, "n_layers": L, "n_translators": L, "d_model": D,
                 "config": json.loads(config.to_json()) if config is not None else None, "log": log}
         write_json(tmp / META_FILE, meta)
-    barrier(f"tuned lens saved to {Path(out).absolute()}")
+    barrier("tuned lens saved")  # the same name on every process (their paths may be spelled apart)
     return Path(out)
 
 
