@@ -68,7 +68,7 @@ def run(args) -> int:
     elif args.translators:
         raise ValueError("--translators is read only with --lens tuned")
     model = load_model(args)
-    translators = tuned_lens.load(args.translators, model.config) if args.lens == "tuned" else None
+    translators = tuned_lens.load(args.translators, model.config, mesh=model.mesh) if args.lens == "tuned" else None
     from jaxlens.methods.readout import lens_grid
 
     grids = lens_grid(model, prompts, k=args.top_k, batch_size=args.batch_size, progress=len(prompts) > 1,

@@ -141,7 +141,8 @@ def reducers(config, reducers, tokens_shape) -> None:
         if index is not None and np.ndim(index) == 2:
             if np.shape(index)[0] not in (1, tokens_shape[0]):
                 raise InputError(f"reducer {name!r}: index has batch {np.shape(index)[0]}, tokens have {tokens_shape[0]}")
-            if _concrete(index):
+            # Not a global array spread over several processes: no process can read it alone.
+            if _concrete(index) and getattr(index, "is_fully_addressable", True):
                 host = np.asarray(jax.device_get(index))
                 if host.size and (host.min() < 0 or host.max() >= tokens_shape[1]):
                     raise InputError(

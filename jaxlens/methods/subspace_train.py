@@ -21,7 +21,6 @@ mesh's `data` axis (XLA sums the per-device gradients). Only the trained layers 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -225,21 +224,18 @@ def train(model, sub: Subspace, prompts: dict[str, Sequence[str]], *, config: Tr
 
 def save(out, result: TrainResult, *, model_name: str | None = None, config: ModelConfig | None = None,
          train_config: TrainConfig | None = None, overwrite: bool = False) -> Path:
-    """Only the trained layers (orbax) + a JSON of what they are: written whole or not at all."""
-    import orbax.checkpoint as ocp
-
-    from jaxlens.report.io import output_dir
+    """Only the trained layers (orbax) + a JSON of what they are: written whole or not at all. With
+    several processes, call it on every one: process 0 writes (`runtime.checkpoints`), and all return
+    once OUT is in place."""
+    from jaxlens.report.io import output_dir, write_json
+    from jaxlens.runtime.checkpoints import save_tree
+    from jaxlens.runtime.distributed import barrier
 
     with output_dir(out, overwrite=overwrite) as tmp:
-        with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp / "layers", result.trained)
+        save_tree(tmp / "layers", result.trained)
         meta = {"model": model_name, "layers": list(result.layers),
                 "n_layers": config.n_layers if config else None, "d_model": config.d_model if config else None,
                 "train": dataclasses.asdict(train_config) if train_config else None, "log": result.log}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        write_json(tmp / META_FILE, meta)
+    barrier("trained layers saved")  # the same name on every process (their paths may be spelled apart)
     return Path(out)
-
-
-
-
-

@@ -225,19 +225,21 @@ def kl_on_texts(model, texts, translators=None, *, batch: int = 4, length: int =
 
 def save(out, translators, *, model_name: str | None = None, config: ModelConfig | None = None, log: dict | None = None) -> Path:
     """Orbax checkpoint of the translators plus a JSON of their format and what they were trained on,
-    written to OUT.partial and renamed into place (a failed save leaves nothing)."""
-    import orbax.checkpoint as ocp
-
-    from jaxlens.report.io import output_dir
+    written to OUT.partial and renamed into place (a failed save leaves nothing). With several
+    processes, call it on every one: process 0 writes (`runtime.checkpoints`), and all return once
+    OUT is in place."""
+    from jaxlens.report.io import output_dir, write_json
+    from jaxlens.runtime.checkpoints import save_tree
+    from jaxlens.runtime.distributed import barrier
 
     with output_dir(out) as tmp:
-        with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp / "translators", translators)
+        save_tree(tmp / "translators", translators)
         L, D = int(translators["A"].shape[0]), int(translators["A"].shape[1])
         meta = {"format": FORMAT_VERSION, "layout": "translator 0: the embedding output (hidden_states[0]); i: block i-1's output",
                 "model": model_name, "n_layers": L, "n_translators": L, "d_model": D,
                 "config": json.loads(config.to_json()) if config is not None else None, "log": log}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        write_json(tmp / META_FILE, meta)
+    barrier("tuned lens saved")  # the same name on every process (their paths may be spelled apart)
     return Path(out)
 
 
@@ -266,12 +268,17 @@ def check(directory, config: ModelConfig | None = None) -> tuple[Path, dict]:
     return directory, meta
 
 
-def load(directory, config: ModelConfig | None = None) -> dict:
-    """Translators saved by `save` (`check`ed first; with `config`, against the model's layers and width)."""
-    import orbax.checkpoint as ocp
+def load(directory, config: ModelConfig | None = None, mesh=None) -> dict:
+    """Translators saved by `save` (`check`ed first; with `config`, against the model's layers and
+    width), replicated over `mesh` (the model's: `model.mesh`; default one device, or with several
+    processes every device)."""
+    from jaxlens.core.sharding import default_mesh, make_mesh
+    from jaxlens.runtime.checkpoints import restore_tree
 
     directory, meta = check(directory, config)
     L, D = meta["n_translators"], meta["d_model"]
-    target = {"A": jax.ShapeDtypeStruct((L, D, D), jnp.float32), "b": jax.ShapeDtypeStruct((L, D), jnp.float32)}
-    with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(directory / "translators", target)
+    mesh = mesh or (default_mesh() if jax.process_count() == 1 else make_mesh())
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    target = {"A": jax.ShapeDtypeStruct((L, D, D), jnp.float32, sharding=replicated),
+              "b": jax.ShapeDtypeStruct((L, D), jnp.float32, sharding=replicated)}
+    return restore_tree(directory / "translators", target)

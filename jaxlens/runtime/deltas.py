@@ -45,8 +45,9 @@ def read_meta(directory) -> dict:
 
 
 def apply_delta(model, directory):
-    """The model with the saved trained layers put in place of its own (same shapes and dtypes)."""
-    import orbax.checkpoint as ocp
+    """The model with the saved trained layers put in place of its own (same shapes and dtypes),
+    restored straight into the shardings of the model's stacked layer params (on every process)."""
+    from jaxlens.runtime.checkpoints import restore_tree
 
     directory = Path(directory).absolute()
     meta = read_meta(directory)
@@ -55,7 +56,9 @@ def apply_delta(model, directory):
         raise ValueError(f"delta {directory} was trained on {meta['n_layers']} layers of width {meta['d_model']}; "
                          f"this model has {L} of width {model.config.d_model}")
     layers = check_layers(meta["layers"], L)
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), split(model.params, layers))
-    with ocp.StandardCheckpointer() as ckpt:
-        trained = ckpt.restore(directory / "layers", target)
+    # [n, ...] rows of each stacked [L, ...] leaf, sharded as it is (the layer axis is never split).
+    target = {"layers": jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(layers), *a.shape[1:]), a.dtype,
+                                                                    sharding=getattr(a, "sharding", None)),
+                                     model.params["layers"])}
+    trained = restore_tree(directory / "layers", target)
     return dataclasses.replace(model, params=merge(model.params, trained, layers))

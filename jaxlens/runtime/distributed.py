@@ -84,6 +84,15 @@ def process_count() -> int:
     return jax.process_count()
 
 
+def barrier(name: str) -> None:
+    """Every process waits here for the others (nothing in one process): after process 0 renamed an
+    output into place, before another process reads it back."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def is_primary() -> bool:
     """Process 0: the one that writes results and shows progress."""
     return jax.process_index() == 0
