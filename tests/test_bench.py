@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -47,9 +50,26 @@ def test_bench_writes_sane_figures_beside_the_plan(tiny_config, tmp_path, probe,
                    seq_len=16, n_groups=2)
     assert r["plan_per_device_bytes"] == plan.per_device and r["flops_per_token"] == plan.flops_per_token
     # Measured: the resident params at least, and a ratio that is the two figures' quotient.
-    assert r["peak_parts"]["live_arrays"] >= plan.per_device["params"]
+    assert r["peak_parts"]["live_arrays"] == plan.per_device["params"] + plan.per_device["inputs"]
     assert r["peak_bytes_per_device"] == r["peak_parts"]["live_arrays"] + r["peak_parts"]["rss_rise"]
     assert r["memory_ratio"] == pytest.approx(r["peak_bytes_per_device"] / plan.per_device["total"])
+
+
+def test_bench_on_a_sharded_mesh_counts_per_device(tiny_config, tmp_path):
+    """4 simulated devices, fsdp=2 x model=2: the params are split, and the measured resident part
+    per device is this device's shards + inputs, as the plan counts them."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "jaxlens.cli", "bench", "--model", str(tiny_config), "--mesh", "fsdp=2,model=2",
+                          "--probe", "lens", "--batch", "4x16", "--warmup", "1", "--steps", "2", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    r = json.loads((out / "bench.json").read_text())
+    d = r["plan_per_device_bytes"]
+    assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 2, "model": 2}
+    assert d["params"] < PL.total_params_bytes(load_config(str(tiny_config)), "float32") / 2  # split, not replicated
+    assert r["peak_parts"]["live_arrays"] == d["params"] + d["inputs"]
+    assert r["tokens_per_s"] > 0 and 0 < r["mfu_measured"] <= 1
 
 
 def test_bench_runs_a_loaded_checkpoint(tiny_checkpoint, capsys):
@@ -84,3 +104,16 @@ def test_published_peaks_name_the_chip_from_the_device_kind():
     assert B.published_peak("NVIDIA H100 PCIe")[0] == "h100-pcie"
     assert B.published_peak("NVIDIA A100-SXM4-80GB")[0] == "a100"
     assert B.published_peak("cpu") is None
+
+
+def test_cpu_peak_is_what_a_step_touches():
+    """A step that makes a 64 MiB array, after a warm-up that made and freed one: the measured
+    rise of a step is that array (within 5%)."""
+    import jax.numpy as jnp
+
+    from jaxlens.runtime.bench import run_steps
+
+    make = jax.jit(lambda x: jnp.full((16 * 2**20,), x, jnp.float32))
+    seconds, peak = run_steps(lambda: make(1.0), jax.devices()[:1], warmup=1, steps=3)
+    assert len(seconds) == 3 and peak.how.startswith("CPU")
+    assert 0.95 <= peak.parts["rss_rise"] / (64 * 2**20) <= 1.15, peak.parts

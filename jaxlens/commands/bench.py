@@ -122,7 +122,7 @@ def register(sub) -> None:
     add_model_options(p, model_help=MODEL_HELP + "; or random weights at a bundled config (llama-3.1-8b, llama-3.1-70b, "
                       "qwen2.5-72b, gemma-2-27b, or their hub ids) or at a config.json file")
     p.add_argument("--batch", default="1x2048", help="ROWSxTOKENS (default 1x2048)")
-    p.add_argument("--probe", default="forward", help="forward (with --capture) | lens | neurons | ... (jaxlens plan's probes)")
+    p.add_argument("--probe", default="forward", help="forward (with --capture) | lens | neurons (jaxlens plan's probes)")
     p.add_argument("--capture", default="resid_post", help="forward probe: sites captured, comma-separated ('' = none)")
     p.add_argument("--languages", type=int, default=8, help="neurons probe: number of language groups")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
