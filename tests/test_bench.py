@@ -50,7 +50,9 @@ def test_bench_writes_sane_figures_beside_the_plan(tiny_config, tmp_path, probe,
                    seq_len=16, n_groups=2)
     assert r["plan_per_device_bytes"] == plan.per_device and r["flops_per_token"] == plan.flops_per_token
     # Measured: the resident params at least, and a ratio that is the two figures' quotient.
-    assert r["peak_parts"]["live_arrays"] == plan.per_device["params"] + plan.per_device["inputs"]
+    # At least (exactly, in a fresh process: the 4-device test) what is resident: live arrays that
+    # other tests in this process still hold on the device count too.
+    assert r["peak_parts"]["live_arrays"] >= plan.per_device["params"] + plan.per_device["inputs"]
     assert r["peak_bytes_per_device"] == r["peak_parts"]["live_arrays"] + r["peak_parts"]["rss_rise"]
     assert r["memory_ratio"] == pytest.approx(r["peak_bytes_per_device"] / plan.per_device["total"])
 
