@@ -102,7 +102,7 @@ def test_report_embeds_a_subset_cjk_font():
 
 MODEL_COMMANDS = (["lens"], ["latent-language"], ["mc-lens"], ["eval"], ["neurons", "stats"], ["neurons", "deactivate", "x"],
                   ["steer"], ["transplant"], ["subspace", "probe"], ["subspace", "report"], ["subspace", "steer"],
-                  ["subspace", "train"], ["tuned-lens"], ["shared-space"])
+                  ["subspace", "train"], ["tuned-lens"], ["shared-space"], ["bench"])
 
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS, ids=" ".join)

@@ -4,4 +4,4 @@ and sets `run=fn(args) -> exit code`. The CLI imports only the module of the com
 
 # Order here is the order in `jaxlens --help`. Add a command: a module here + its name below.
 COMMANDS = ("lens", "tuned_lens", "latent_language", "mc_lens", "shared_space", "eval", "neurons", "steer", "transplant",
-            "subspace", "convert", "families", "models", "plan")
+            "subspace", "convert", "families", "models", "plan", "bench")

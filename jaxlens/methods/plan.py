@@ -156,6 +156,15 @@ def plan(config: ModelConfig, mesh, *, probe: str = "forward", dtype="bfloat16",
          capture=("resid_post",), n_groups: int = 8, points: int = 64) -> Plan:
     """Compile `probe` for [batch, seq_len] tokens on `mesh` and read its per-device memory
     (params: this device's shards; arguments, outputs, temps: XLA's memory analysis) and FLOPs."""
+    return compile_probe(config, mesh, probe=probe, dtype=dtype, batch=batch, seq_len=seq_len, capture=capture,
+                         n_groups=n_groups, points=points)[0]
+
+
+def compile_probe(config: ModelConfig, mesh, *, probe: str = "forward", dtype="bfloat16", batch: int = 1,
+                  seq_len: int = 2048, capture=("resid_post",), n_groups: int = 8, points: int = 64, params=None):
+    """(Plan, the compiled program): what `plan` reads, and what `jaxlens bench` runs. `params`:
+    the pytree to compile for (arrays or ShapeDtypeStructs with their shardings; default the
+    abstract params of `config` in `dtype` on `mesh`)."""
     import time
 
     if batch < 1 or seq_len < 1:
@@ -163,7 +172,11 @@ def plan(config: ModelConfig, mesh, *, probe: str = "forward", dtype="bfloat16",
     if seq_len > config.max_positions:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_positions={config.max_positions}")
     capture = check_sites(capture) if probe == "forward" else ()
-    params = abstract_params(config, mesh, dtype)
+    if params is None:
+        params = abstract_params(config, mesh, dtype)
+    else:  # their shapes, dtypes and shardings only
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
+        dtype = jax.tree.leaves(params)[0].dtype
     start = time.perf_counter()
     lowered, inputs = _lower(probe, config, params, mesh, batch, seq_len, capture, n_groups, points)
     compiled = lowered.compile()
@@ -180,8 +193,9 @@ def plan(config: ModelConfig, mesh, *, probe: str = "forward", dtype="bfloat16",
     per_device["inputs"] = params_bytes_per_device(inputs)
     per_device["total"] = (per_device["params"] + per_device["inputs"] + per_device["outputs"] + per_device["temps"]
                            - int(mem.alias_size_in_bytes))
-    return Plan(probe, dict(mesh.shape), str(jnp.dtype(resolve_dtype(dtype))), batch, seq_len, per_device,
-                flops_per_token(config, seq_len, probe, points), mesh_warnings(config, mesh, batch), seconds)
+    p = Plan(probe, dict(mesh.shape), str(jnp.dtype(resolve_dtype(dtype))), batch, seq_len, per_device,
+             flops_per_token(config, seq_len, probe, points), mesh_warnings(config, mesh, batch), seconds)
+    return p, compiled
 
 
 def flops_per_token(config: ModelConfig, seq_len: int, probe: str = "forward", points: int = 1) -> float:
