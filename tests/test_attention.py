@@ -77,19 +77,21 @@ def test_capturing_attn_probs_takes_the_reference_path():
 
 @pytest.mark.parametrize("variant", ["sliding_softcap", "alibi"])
 def test_blocked_attention_over_a_kv_prefix(variant):
-    """Continuing a cache (cache part and new part read block by block) equals the reference."""
+    """Continuing a cache (cache part and new part read block by block) equals the reference, also
+    when the new part is shorter than one block (a decode step's one token)."""
     reference, params = _setup(variant, seed=1)
     tokens, mask = _inputs(5, (2, 23), left_pad=True)
-    prefix, rest = slice(0, 17), slice(17, 23)
-    out = {}
-    for block in (0, 4):
-        cfg = dataclasses.replace(reference, attn_block=block)
-        _, _, cache = forward_cached(params, tokens[:, prefix], mask[:, prefix], config=cfg)
-        logits, _, _ = forward_cached(params, tokens[:, rest], mask[:, rest], config=cfg, past=cache)
-        out[block] = np.asarray(logits)
-    np.testing.assert_allclose(out[4], out[0], atol=TOL)
     full, _ = forward(params, tokens, mask, config=reference)
-    np.testing.assert_allclose(out[4], np.asarray(full)[:, rest], atol=TOL)
+    for split in (17, 22):
+        prefix, rest = slice(0, split), slice(split, 23)
+        out = {}
+        for block in (0, 4):
+            cfg = dataclasses.replace(reference, attn_block=block)
+            _, _, cache = forward_cached(params, tokens[:, prefix], mask[:, prefix], config=cfg)
+            logits, _, _ = forward_cached(params, tokens[:, rest], mask[:, rest], config=cfg, past=cache)
+            out[block] = np.asarray(logits)
+        np.testing.assert_allclose(out[4], out[0], atol=TOL)
+        np.testing.assert_allclose(out[4], np.asarray(full)[:, rest], atol=TOL)
 
 
 def test_attn_block_must_not_be_negative():

@@ -281,7 +281,8 @@ class Attention(nn.Module):
                 cut = lambda a: jax.lax.dynamic_slice_in_dim(a, i * block, block, axis=1)  # noqa: E731
                 return step(carry, cut(k), cut(v), offset + i * block)
 
-            carry = jax.lax.fori_loop(0, n, body, carry)
+            if n:  # a part shorter than one block (a decode step's new token) is only its tail
+                carry = jax.lax.fori_loop(0, n, body, carry)
             if tail:
                 carry = step(carry, k[:, n * block :], v[:, n * block :], offset + n * block)
             offset += k.shape[1]
