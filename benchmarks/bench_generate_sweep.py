@@ -7,9 +7,9 @@ with P = c points at two chunk sizes and the per-point bytes are the slope:
 
     per point = (temp(c2) - temp(c1)) / (c2 - c1)
 
-Today each point decodes on its own copy of the whole cache (prefix + tail + new tokens), so the
-slope grows with the prompt: the leak issue 13 names. Sharing the prefix (one KV part every point
-reads in place, each point holding only its tail + new tokens) should make it flat; not built yet.
+Each point reads the shared prefix cache in place and holds only its tail (its last prompt token +
+the new tokens' keys/values), so the slope does not grow with the prompt. Before that fix (ab632d9)
+each point decoded on its own copy of the whole cache: the leak issue 13 named (benchmarks/README.md).
 
     python benchmarks/bench_generate_sweep.py                     # tiny config, prompts 64 and 512
     python benchmarks/bench_generate_sweep.py --model llama-3.1-8b --rows 8 --lengths 512 2048 --dtype bfloat16

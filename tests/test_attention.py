@@ -94,6 +94,24 @@ def test_blocked_attention_over_a_kv_prefix(variant):
         np.testing.assert_allclose(out[4], np.asarray(full)[:, rest], atol=TOL)
 
 
+@pytest.mark.parametrize("variant", ["gqa", "sliding_softcap", "alibi"])
+def test_a_cache_in_parts_equals_one_pass(variant):
+    """`past` as several parts read in order (a shared prefix, then a tail of its own) equals one
+    pass, on both attention paths; `new_only` returns only the new tokens' keys/values."""
+    reference, params = _setup(variant, seed=2)
+    tokens, mask = _inputs(7, (3, 23), left_pad=True)
+    full, _ = forward(params, tokens, mask, config=reference)
+    a, b, rest = slice(0, 9), slice(9, 22), slice(22, 23)  # the tail part spans a window of 5 and a block of 4
+    for block in (0, 4):
+        cfg = dataclasses.replace(reference, attn_block=block)
+        _, _, prefix = forward_cached(params, tokens[:, a], mask[:, a], config=cfg)
+        _, _, tail = forward_cached(params, tokens[:, b], mask[:, b], config=cfg, past=prefix, new_only=True)
+        assert tail.k.shape[2] == tail.mask.shape[1] == 13
+        logits, _, last = forward_cached(params, tokens[:, rest], mask[:, rest], config=cfg, past=(prefix, tail))
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(full)[:, rest], atol=TOL)
+        assert last.k.shape[2] == 23  # without new_only: every part and the new tokens, joined
+
+
 def test_attn_block_must_not_be_negative():
     with pytest.raises(ValueError, match="attn_block"):
         ModelConfig(**{**BASE, "attn_block": -1})

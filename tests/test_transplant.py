@@ -293,3 +293,27 @@ def test_shared_sources_equal_the_broadcast_stack(setup):
                                          max_new_tokens=3), broadcast_pair_stack(source, pairs, jnp.ones((3, 1), bool)), 2)
     for a, b in zip(new, old):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_generation_sweep_points_do_not_copy_the_prompt_cache():
+    """Each pair reads the shared prefix in place: what a point adds to the compiled program's
+    temporaries (the slope over chunk sizes) does not grow with the prompt. Before the fix each
+    point carried ~4 copies of the whole prompt's KV (benchmarks/bench_generate_sweep.py)."""
+    from jaxlens.core.config import ModelConfig
+    from jaxlens.core.forward import param_shapes
+
+    config = ModelConfig(family="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                         d_ff=128, max_positions=1024, attn_block=64)
+    rows, new = 4, 4
+
+    def temp(prompt, points):
+        s = lambda shape, dt=jnp.int32: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+        lowered = xt.generate_sweep.lower(param_shapes(config), s((rows, prompt)), s((rows, prompt)),
+                                          s((rows, config.n_layers, config.d_model), jnp.float32), s((points, 2)), s((1,)),
+                                          config=config, max_new_tokens=new, chunk=points)
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    slope = {T: (temp(T, 1024) - temp(T, 256)) / 768 for T in (32, 512)}
+    prompt_kv = 2 * config.n_layers * rows * 512 * config.n_kv_heads * config.head_dim * 4
+    assert slope[512] < 1.5 * slope[32], slope
+    assert slope[512] < prompt_kv / 4, (slope, prompt_kv)

@@ -85,24 +85,26 @@ def check_tokens(cfg: ModelConfig, tokens) -> None:
         )
 
 
-@partial(jax.jit, static_argnames=("config", "capture", "return_kv", "mesh"))
+@partial(jax.jit, static_argnames=("config", "capture", "return_kv", "new_only", "mesh"))
 def _forward(params, tokens, attention_mask, config: ModelConfig, capture: tuple[str, ...], interventions=None,
-             reducers=None, past: KVCache | None = None, return_kv: bool = False, mesh=None):
+             reducers=None, past: tuple[KVCache, ...] = (), return_kv: bool = False, new_only: bool = False, mesh=None):
     tokens, attention_mask = constrain_batch(mesh, tokens, attention_mask)
-    shared = _shared_inputs(config, attention_mask, interventions, reducers, None if past is None else past.mask)
+    past_mask = jnp.concatenate([p.mask for p in past], axis=-1) if past else None
+    shared = _shared_inputs(config, attention_mask, interventions, reducers, past_mask)
     mutable = [s for s in capture if s != "logits"] + ([REDUCED] if reducers else [])
     model = Transformer(config, return_kv=return_kv)
     with weights_mesh(mesh):  # each layer's weights gathered over fsdp as the scan reaches it
-        out, state = model.apply({"params": params}, tokens, shared, None if past is None else (past.k, past.v), mutable=mutable)
+        out, state = model.apply({"params": params}, tokens, shared, tuple((p.k, p.v) for p in past) or None,
+                                 mutable=mutable)
     logits, kv = out if return_kv else (out, None)
     sites = {name: logits if name == "logits" else _find(state[name], name) for name in capture}
     for name in reducers or {}:
         sites[name] = _find_key(state[REDUCED], REDUCED_PREFIX + name)
     if not return_kv:
         return logits, sites
-    if past is not None:  # the cache covers the earlier tokens and these
-        kv = tuple(jnp.concatenate([p.astype(n.dtype), n], axis=2) for p, n in zip((past.k, past.v), kv))
-        attention_mask = jnp.concatenate([past.mask, attention_mask.astype(past.mask.dtype)], axis=-1)
+    if past and not new_only:  # the cache covers the earlier tokens and these
+        kv = tuple(jnp.concatenate([*(getattr(p, a).astype(n.dtype) for p in past), n], axis=2) for a, n in zip("kv", kv))
+        attention_mask = jnp.concatenate([past_mask, attention_mask.astype(past_mask.dtype)], axis=-1)
     return logits, sites, KVCache(kv[0], kv[1], attention_mask)
 
 
@@ -170,20 +172,28 @@ def forward(params, tokens, attention_mask=None, *, config: ModelConfig, capture
                     mesh=params_mesh(params))
 
 
-def forward_cached(params, tokens, attention_mask=None, *, config: ModelConfig, past: KVCache | None = None,
-                   capture=(), interventions=None, reducers=None):
+def forward_cached(params, tokens, attention_mask=None, *, config: ModelConfig,
+                   past: KVCache | tuple[KVCache, ...] | None = None, capture=(), interventions=None, reducers=None,
+                   new_only: bool = False):
     """`forward` that also returns the keys/values, and can continue from earlier ones:
     (logits, sites, KVCache of past + these tokens). Sites, interventions and reducers cover the
     new tokens only. Continuing a prefix gives the logits of running everything in one pass, at a
-    fraction of the cost when few tokens are new (generation, or re-running one position)."""
+    fraction of the cost when few tokens are new (generation, or re-running one position).
+
+    `past` may be several caches, read in order as one (a prefix shared by many programs, then each
+    one's own tokens): they are never joined, so a shared prefix is never copied. `new_only`: the
+    returned cache holds only these tokens (no copy of `past` at all)."""
     tokens, attention_mask = _check_inputs(config, tokens, attention_mask, interventions, reducers)
-    if past is not None:
-        if past.mask.shape[0] != tokens.shape[0]:
-            raise ValueError(f"past cache has batch {past.mask.shape[0]}, tokens have batch {tokens.shape[0]}")
-        if past.mask.shape[1] + tokens.shape[1] > config.max_positions:
-            raise ValueError(f"past ({past.mask.shape[1]}) + new ({tokens.shape[1]}) tokens exceed max_positions={config.max_positions}")
+    past = () if past is None else tuple(past) if isinstance(past, (tuple, list)) else (past,)
+    for i, part in enumerate(past):
+        if part.mask.shape[0] != tokens.shape[0]:
+            name = "past cache" if len(past) == 1 else f"past cache part {i}"
+            raise ValueError(f"{name} has batch {part.mask.shape[0]}, tokens have batch {tokens.shape[0]}")
+    earlier = sum(part.mask.shape[1] for part in past)
+    if earlier + tokens.shape[1] > config.max_positions:
+        raise ValueError(f"past ({earlier}) + new ({tokens.shape[1]}) tokens exceed max_positions={config.max_positions}")
     return _forward(params, tokens, attention_mask, config, check_sites(capture), interventions,
-                    check_reducers(reducers), past, return_kv=True, mesh=params_mesh(params))
+                    check_reducers(reducers), past, return_kv=True, new_only=new_only, mesh=params_mesh(params))
 
 
 def init_params(config: ModelConfig, key, dtype=jnp.float32):

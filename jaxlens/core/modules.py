@@ -200,8 +200,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, keys: Keys, past=None):
         """x [B,T,D]; cos/sin [B,T,R/2]; keys: which keys each query sees (S of them); past: the
-        keys and values of S - T earlier tokens ([B,S-T,K,H] each, after rope) or None (S = T).
-        Returns (out [B,T,D], (k, v) of these T tokens)."""
+        keys and values of S - T earlier tokens, in parts read in order (((k, v), ...), each
+        [B,S_i,K,H], after rope) or None (S = T). Returns (out [B,T,D], (k, v) of these T tokens)."""
         c = self.cfg
         G = c.n_heads // c.n_kv_heads
         q = Linear((c.n_heads, c.head_dim), use_bias=c.qkv_bias, name="q")(x)  # [B,T,N,H]
@@ -215,10 +215,10 @@ class Attention(nn.Module):
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
         new_kv = (k, v)
-        # With a cache, the keys/values are read in two parts (earlier tokens, these) and only the
+        # With a cache, the keys/values are read in parts (earlier tokens' parts, these) and only the
         # [.., T, S] scores are joined: concatenating the cache would copy it, and under a vmapped
         # sweep (one shared cache, many interventions) copy it once per point.
-        parts = [new_kv] if past is None else [tuple(p.astype(n.dtype) for p, n in zip(past, new_kv)), new_kv]
+        parts = [tuple(p.astype(n.dtype) for p, n in zip(part, new_kv)) for part in past or ()] + [new_kv]
         B, T = q.shape[:2]
         q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim)  # [B,T,K,G,H]
         S = keys.valid.shape[1]
@@ -310,7 +310,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """One decoder layer; `nn.scan` stacks it over layers (params get a leading [L] axis).
-    Scanned per layer: (sliding?, index, earlier tokens' keys/values or None); the layer's own
+    Scanned per layer: (sliding?, index, earlier tokens' keys/values in parts, or None); the layer's own
     keys/values are its scan output when `return_kv`."""
 
     cfg: ModelConfig
@@ -346,8 +346,9 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """tokens [B,T] -> logits [B,T,V]; with `past` ([L,B,S0,K,H] keys and values of S0 earlier
-    tokens) the T tokens continue them. With `return_kv`, returns (logits, their keys/values)."""
+    """tokens [B,T] -> logits [B,T,V]; with `past` (((k, v), ...): keys and values [L,B,S_i,K,H] of
+    earlier tokens, in parts read in order) the T tokens continue them. With `return_kv`, returns
+    (logits, their keys/values)."""
 
     cfg: ModelConfig
     return_kv: bool = False

@@ -3,8 +3,9 @@
 XTransplant (METHODS.md §4) changes the prompt's pass only: "in the prefill only (later tokens
 see it through the cache)". So `generate` runs the prompt once with the interventions
 (`forward_cached`), then decodes one token per step on the cache with none. The whole loop is one
-jitted program (`lax.scan` over steps): the cache is allocated once at its final length, each
-step writes its token's keys/values into the next slot, and empty slots are masked. Positions
+jitted program (`lax.scan` over steps): a prefix cache (`past`) is read in place, the new tokens'
+cache is allocated once at its final length, each step writes its token's keys/values into the
+next slot, and empty slots are masked. Positions
 count real tokens, so left- or right-padded prompt batches both work. `jax.vmap` over a stacked
 intervention (`interventions.stack`) generates under every point of a sweep in one program.
 """
@@ -55,27 +56,31 @@ def decode(params, tokens, mask, interventions, eos, past, *, config: ModelConfi
     mesh: split the batch over its data axes, for callers that pass host arrays)."""
     tokens, mask = constrain_batch(mesh, tokens, mask)
     B = tokens.shape[0]
+    # `past` is read in place, never copied or grown: the new tokens' keys/values go to a tail cache
+    # of their own (these T tokens + the steps). Under a vmapped sweep on one shared prefix, each
+    # point then holds only its tail, not a copy of the prefix.
+    prefix = () if past is None else (past,)
     # Only each row's last position is unembedded ([B, V], not [B, T, V]): XLA drops the unused logits.
-    _, sites, cache = forward_cached(params, tokens, mask, config=config, interventions=interventions, past=past,
-                                     capture=("final_norm",))
-    T = cache.mask.shape[1]  # earlier + these tokens: the first free slot
+    _, sites, new = forward_cached(params, tokens, mask, config=config, interventions=interventions, past=prefix,
+                                   capture=("final_norm",), new_only=True)
+    T = tokens.shape[1]  # the tail's first free slot
     last = sites["final_norm"][jnp.arange(B), iv.last_index(mask)]  # [B, D]
     first = jnp.argmax(unembed(params, last, config), axis=-1).astype(jnp.int32)
     steps = max_new_tokens - 1  # the last new token is never fed back
     grow = lambda a: jnp.pad(a, [(0, 0)] * 2 + [(0, steps)] + [(0, 0)] * (a.ndim - 3))  # noqa: E731
-    cache = KVCache(grow(cache.k), grow(cache.v), jnp.pad(cache.mask, ((0, 0), (0, steps))))
+    tail = KVCache(grow(new.k), grow(new.v), jnp.pad(new.mask, ((0, 0), (0, steps))))
     one = jnp.ones((B, 1), jnp.int32)
 
     def step(carry, slot):
-        cache, token, done = carry
-        logits, _, new = forward_cached(params, token[:, None], one, config=config, past=cache)
-        put = lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n[:, :, -1:], slot, axis=2)  # noqa: E731
-        cache = KVCache(put(cache.k, new.k), put(cache.v, new.v), cache.mask.at[:, slot].set(1))
+        tail, token, done = carry
+        logits, _, new = forward_cached(params, token[:, None], one, config=config, past=(*prefix, tail), new_only=True)
+        put = lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n, slot, axis=2)  # noqa: E731
+        tail = KVCache(put(tail.k, new.k), put(tail.v, new.v), tail.mask.at[:, slot].set(1))
         done = done | jnp.isin(token, eos)
         nxt = jnp.where(done, token, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32))
-        return (cache, nxt, done), nxt
+        return (tail, nxt, done), nxt
 
-    start = (cache, first, jnp.zeros((B,), bool))
+    start = (tail, first, jnp.zeros((B,), bool))
     _, rest = jax.lax.scan(step, start, T + jnp.arange(steps))
     new_tokens = jnp.concatenate([first[:, None], rest.T], axis=1)  # [B, N]
     is_eos = jnp.isin(new_tokens, eos)

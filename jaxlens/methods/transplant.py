@@ -99,9 +99,10 @@ def generate_sweep(params, tokens, mask, source, pairs, eos, *, config: ModelCon
     def one(point):
         return decode(params, tokens[:, -1:], mask[:, -1:], point, eos, cache, config=config, max_new_tokens=max_new_tokens)
 
-    # Each pair decodes on its own copy of the cache (prefix + its tail): the chunk is sized to it.
+    # Each pair reads the shared prefix in place and carries only its own tail (its last prompt
+    # token and the new tokens' keys/values): the chunk is sized to that.
     R, S = tokens.shape[0], tokens.shape[1] + max_new_tokens
-    live = point_bytes(config, R, 1, S, cache=S, stack=stack, itemsize=itemsize_of(params))
+    live = point_bytes(config, R, 1, S, cache=1 + max_new_tokens, stack=stack, itemsize=itemsize_of(params))
     return map_stack(one, stack, chunk or auto_chunk(R, 1, config.vocab_size, True, live=live))
 
 
