@@ -52,8 +52,9 @@ OUTPUTS = ("top_ids", "top_probs", "logsumexp", "entropy", "target_probs", "targ
 
 
 def final_norm(params, h, config: ModelConfig):
-    """The model's own final norm of h [..., D] (RMSNorm, Gemma's (1+w), or LayerNorm by config)."""
-    return make_norm(config).apply({"params": params["final_norm"]}, h)
+    """The model's own final norm of h [..., D] (RMSNorm, Gemma's (1+w), or LayerNorm by config), in
+    the unembedding's dtype: what its matmul reads (as `core.modules.unembed`), cast once here."""
+    return make_norm(config).apply({"params": params["final_norm"]}, h).astype(unembedding(params, config)[0].dtype)
 
 
 def final_softcap(z, config: ModelConfig):

@@ -314,3 +314,79 @@ def test_bf16_attention_scores_and_softmax_in_float32(attn_block):
     scale = np.abs(ref[real]).max()
     # probabilities and the context rounded to bf16 (as transformers does) before the o projection
     assert np.abs(ours[real] - ref[real]).max() <= 4 * BF16_ULP * scale
+
+
+def test_bf16_linear_reads_its_input_in_the_weights_dtype():
+    """float32 x, bf16 kernel: x is rounded to bf16 (a bf16 matmul, float32 accumulation), never the
+    kernel widened; the output is the kernel's dtype unless `out_dtype` says float32."""
+    import jax.numpy as jnp
+
+    from jaxlens.core.modules import Linear
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    w, w64 = _bf16(rng, rng.normal(size=(64, 16)))
+    x16 = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)  # what a bf16 matmul reads
+    wide = Linear((16,), out_dtype=jnp.float32).apply({"params": {"kernel": w}}, jnp.asarray(x))
+    assert wide.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(wide, np.float64), x16 @ w64, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(wide, np.float64) - x.astype(np.float64) @ w64).max() > 1e-3  # x was rounded
+    narrow = Linear((16,)).apply({"params": {"kernel": w}}, jnp.asarray(x))
+    assert narrow.dtype == jnp.bfloat16
+    _within_one_ulp(narrow, x16 @ w64)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_bf16_weights_with_float32_activations(family):
+    """activation_dtype="float32" (the default) with bf16 params: every site is float32, q/k/v and so
+    the KV cache stay in the weights' dtype, and the logits track the float32 run on the same
+    (bf16-valued) weights over twice as closely as bf16 activations do. "params": bf16 throughout."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlens.core.config import ModelConfig
+    from jaxlens.core.forward import forward, forward_cached, init_params
+
+    extra = dict(norm_placement="sandwich", norm_plus_one=True, embed_scale=True, activation="gelu_tanh",
+                 attn_softcap=50.0, final_softcap=30.0) if family == "gemma2" else {}
+    cfg = ModelConfig(family=family, vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
+                      d_ff=256, max_positions=64, **extra)
+    # A residual stream far larger than what each sublayer adds (as real models' massive activations):
+    # bf16 rounds the additions away, float32 keeps them.
+    params = init_params(cfg, jax.random.key(0))
+    params = {**params, "embedding": params["embedding"] * 64}
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p16)  # the same weights, float32 arithmetic
+    tokens = jnp.asarray(random_tokens(6, (2, 24)) % cfg.vocab_size)
+    sites = ("resid_post", "attn_out", "mlp_act", "mlp_out", "final_norm")
+    ref, _ = forward(p32, tokens, config=cfg)
+    wide, captured = forward(p16, tokens, config=cfg, capture=sites)
+    pure_cfg = dataclasses.replace(cfg, activation_dtype="params")
+    pure, captured_pure = forward(p16, tokens, config=pure_cfg, capture=sites)
+    assert {str(v.dtype) for v in captured.values()} == {"float32"}
+    assert {str(v.dtype) for v in captured_pure.values()} == {"bfloat16"}
+    assert forward_cached(p16, tokens, config=cfg)[2].k.dtype == jnp.bfloat16
+    err = lambda a: float(np.abs(np.asarray(a, np.float64) - np.asarray(ref, np.float64)).mean())  # noqa: E731
+    assert err(wide) < err(pure) / 2, (err(wide), err(pure))  # measured 2.3x (llama), 3.0x (gemma2)
+
+
+def test_bf16_lens_last_layer_is_the_model_with_float32_activations():
+    """The lens reads the final norm in the unembedding's dtype, as the model does: with bf16 params
+    and float32 activations its last layer is the model's own distribution."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlens.core.config import ModelConfig
+    from jaxlens.core.forward import forward, init_params
+    from jaxlens.kernels.lens import logit_lens
+
+    cfg = ModelConfig(family="llama", vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                      d_ff=128, max_positions=32)
+    p16 = jax.tree.map(lambda a: (a * 4).astype(jnp.bfloat16), init_params(cfg, jax.random.key(1)))
+    tokens = jnp.asarray(random_tokens(7, (2, 9)) % cfg.vocab_size)
+    logits, sites = forward(p16, tokens, config=cfg, capture=("resid_post",))
+    out = logit_lens(p16, sites["resid_post"], config=cfg, k=5, final_logits=logits, chunk=64)
+    np.testing.assert_array_equal(out["top_ids"][-1], jax.lax.top_k(logits, 5)[1])
+    np.testing.assert_allclose(out["kl"][-1], 0.0, atol=1e-5)

@@ -3,7 +3,7 @@
     add_model_options(parser)      --model --dtype --mesh, and the multi-host start-up options
     start(args)                    (the CLI, before the command runs) checks them, joins the other
                                    processes (jax.distributed), checks --mesh against the devices
-    load_model(args)               jaxlens.load(--model, dtype=--dtype, mesh=the --mesh mesh)
+    load_model(args)               jaxlens.load(--model, dtype=--dtype, activation_dtype=--activations, mesh=the --mesh mesh)
 
 A multi-host run is the same command on every host, with `--coordinator HOST:PORT --num-processes
 N --process-id I` (or `--distributed` where JAX detects the cluster: TPU pods, SLURM, Open MPI);
@@ -18,7 +18,7 @@ import os
 import re
 import time
 
-from jaxlens.core.config import DTYPES
+from jaxlens.core.config import ACTIVATION_DTYPES, DTYPES
 from jaxlens.core.sharding import MESH_AXES
 from jaxlens.runtime.zoo import DEFAULT_MODEL
 
@@ -32,6 +32,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, default: str | None = 
     if model:
         g.add_argument("--model", default=default, help=model_help)
     g.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="parameter dtype (default float32)")
+    g.add_argument("--activations", default="float32", choices=ACTIVATION_DTYPES,
+                   help="activation dtype: float32 (default; with bf16 params the matmuls still run in bf16) or "
+                        "'params' (the params' dtype throughout, as transformers runs a bf16 model)")
     g.add_argument("--mesh", metavar="AXIS=N,...",
                    help=f"named device mesh, axes {', '.join(MESH_AXES)}: e.g. data=4,model=2 (default: one device; "
                         "with several processes, data over every device)")
@@ -152,7 +155,7 @@ def load_model(args, model: str | None = None, *, delta=None, quiet: bool = Fals
 
     name = model or getattr(args, "model", None) or DEFAULT_MODEL
     t0 = time.perf_counter()
-    loaded = jaxlens.load(name, dtype=args.dtype, mesh=build_mesh(args), delta=delta)
+    loaded = jaxlens.load(name, dtype=args.dtype, mesh=build_mesh(args), delta=delta, activation_dtype=args.activations)
     if not quiet:
         c = loaded.config
         print(f"loaded {name} ({c.family}, {c.n_layers} layers, d_ff {c.d_ff}) on mesh "

@@ -13,6 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ACTIVATION_DTYPES = ("float32", "params")  # ModelConfig.activation_dtype
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,7 @@ _CHOICES = {
     "norm_placement": ("pre", "sandwich", "post"),
     "positions": ("rope", "learned", "alibi"),
     "activation": ("silu", "gelu_tanh", "gelu"),
+    "activation_dtype": ACTIVATION_DTYPES,
 }
 
 
@@ -94,6 +96,14 @@ class ModelConfig:
     # memory linear in the sequence, not quadratic). Sequences of at most this many keys, and
     # calls that capture `attn_probs`, take the reference path (all scores at once); 0 = always.
     attn_block: int = 512
+    # The activations' dtype. "float32": float32 whatever the params' dtype, with bf16 weights every
+    # matmul still reads its input rounded to bf16 and accumulates in float32 (bf16 speed), but what
+    # it writes and every site (the residual stream, the MLP's states, the sublayers' outputs) stays
+    # float32; only q, k, v (and so the KV cache), read by nothing but the attention's own matmuls,
+    # are in the weights' dtype. bf16 then tracks float32 to >= 99% top-1 (docs/parity.md).
+    # "params": the params' dtype throughout, as transformers runs a bf16 model. The same with
+    # float32 params.
+    activation_dtype: str = "float32"
 
     def __post_init__(self):
         if not self.sliding_layers:

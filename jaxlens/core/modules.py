@@ -113,12 +113,14 @@ def unembed(params, h, cfg: ModelConfig):
     """Final-normed states h [..., D] -> logits [..., V] float32: the (tied or own) unembedding,
     then Gemma 2's final soft-cap. The one place logits are made (forward, lens, scoring)."""
     # Gathered over fsdp (still split over model), so the batch stays split over data x fsdp.
+    # h is read in the weights' dtype, as every matmul (Linear): a float32 residual stream never
+    # makes a float32 copy of a bf16 [V, D] matrix.
     if cfg.tie_embeddings:  # contract with the embedding's own [V, D] layout: no transpose copy
         w = gathered("embedding", params["embedding"])
-        logits = jnp.einsum("...d,vd->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,vd->...v", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
     else:
         w = gathered("unembed", params["unembed"])
-        logits = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,dv->...v", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
     return softcap(logits, cfg.final_softcap)
 
 
@@ -129,11 +131,12 @@ def token_nll(params, h, targets, cfg: ModelConfig, chunk: int = 8192):
     tied = cfg.tie_embeddings
     w = gathered("embedding", params["embedding"]) if tied else gathered("unembed", params["unembed"])
     axis, spec = (0, "btd,vd->btv") if tied else (1, "btd,dv->btv")
+    h = h.astype(w.dtype)  # read in the weights' dtype, as `unembed`
 
     def step(carry, start, size):
         m, total = carry
         cols = jax.lax.dynamic_slice_in_dim(w, start, size, axis=axis)
-        z = softcap(jnp.einsum(spec, h, cols.astype(h.dtype), preferred_element_type=jnp.float32), cfg.final_softcap)
+        z = softcap(jnp.einsum(spec, h, cols, preferred_element_type=jnp.float32), cfg.final_softcap)
         m_new = jnp.maximum(m, z.max(-1))
         return m_new, total * jnp.exp(m - m_new) + jnp.exp(z - m_new[..., None]).sum(-1)
 
@@ -146,16 +149,20 @@ def token_nll(params, h, targets, cfg: ModelConfig, chunk: int = 8192):
     m, total = carry
     gold_w = jnp.take(w, targets, axis=axis)  # [B, T, D] (tied) or [D, B, T]
     gold_w = gold_w if tied else jnp.moveaxis(gold_w, 0, -1)
-    gold = jnp.einsum("btd,btd->bt", h, gold_w.astype(h.dtype), preferred_element_type=jnp.float32)
+    gold = jnp.einsum("btd,btd->bt", h, gold_w, preferred_element_type=jnp.float32)
     return m + jnp.log(total) - softcap(gold, cfg.final_softcap)
 
 
 class Linear(nn.Module):
-    """x [..., in] -> [..., *out_shape], kernel [in, *out_shape]; einsum so heads stay an axis."""
+    """x [..., in] -> [..., *out_shape], kernel [in, *out_shape]; einsum so heads stay an axis.
+    Computes in the kernel's dtype (x rounded to it: bf16 weights, bf16 matmul, float32 accumulation)
+    and returns `out_dtype`: the kernel's by default (q, k, v), the activations' (ModelConfig.
+    activation_dtype) where the output is a site or a sum."""
 
     out_shape: tuple[int, ...]
     in_axes: int = 1  # how many trailing input axes are contracted
     use_bias: bool = False
+    out_dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
@@ -164,12 +171,12 @@ class Linear(nn.Module):
         kernel = gathered("/".join(self.path) + "/kernel", kernel)  # this layer's weights, whole over fsdp
         letters = "abcdefgh"
         ins, outs = letters[: self.in_axes], letters[self.in_axes : self.in_axes + len(self.out_shape)]
-        # float32 accumulation and bias, one rounding to x.dtype (as torch's addmm in bf16): a bias
+        # float32 accumulation and bias, one rounding to out_dtype (as torch's addmm in bf16): a bias
         # that cancels most of the product would otherwise add the product's rounding error.
-        y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+        y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, self.out_shape, x.dtype).astype(jnp.float32)
-        return y.astype(x.dtype)
+        return y.astype(self.out_dtype or kernel.dtype)
 
 
 class Keys(NamedTuple):
@@ -227,7 +234,8 @@ class Attention(nn.Module):
         else:
             ctx = self._blocked(q, parts, keys)
         ctx = ctx.reshape(B, T, c.n_heads, c.head_dim)
-        return Linear((c.d_model,), in_axes=2, use_bias=c.o_bias, name="o")(ctx), new_kv  # [B,T,D]
+        out = Linear((c.d_model,), in_axes=2, use_bias=c.o_bias, out_dtype=x.dtype, name="o")(ctx)  # [B,T,D]
+        return out, new_kv
 
     def _bias(self, scores, key_positions, mask):
         """Raw q.k scores [B,K,G,T,C] float32 -> the ones softmax reads: scale, ALiBi, soft-cap, mask."""
@@ -299,13 +307,13 @@ class MLP(nn.Module):
         act = _activation(c.activation)
         if c.gated_mlp:
             # gate and up as one [D, 2, F] kernel: one wide matmul runs ~1.4x faster on CPU than two.
-            gate_up = Linear((2, c.d_ff), use_bias=c.mlp_bias, name="gate_up")(x)  # [B,T,2,F]
+            gate_up = Linear((2, c.d_ff), use_bias=c.mlp_bias, out_dtype=x.dtype, name="gate_up")(x)  # [B,T,2,F]
             neurons = site(self, ctx, "mlp_act", act(gate_up[..., 0, :]))  # [B,T,F]
             hidden = neurons * gate_up[..., 1, :]
         else:
-            hidden = neurons = site(self, ctx, "mlp_act", act(Linear((c.d_ff,), use_bias=c.mlp_bias, name="up")(x)))
+            hidden = neurons = site(self, ctx, "mlp_act", act(Linear((c.d_ff,), use_bias=c.mlp_bias, out_dtype=x.dtype, name="up")(x)))
         hidden = site(self, ctx, "mlp_hidden", hidden)
-        return Linear((c.d_model,), use_bias=c.mlp_bias, name="down")(hidden)  # [B,T,D]
+        return Linear((c.d_model,), use_bias=c.mlp_bias, out_dtype=x.dtype, name="down")(hidden)  # [B,T,D]
 
 
 class Block(nn.Module):
@@ -358,6 +366,7 @@ class Transformer(nn.Module):
         c = self.cfg
         embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.d_model))
         x = jnp.take(gathered("embedding", embedding), tokens, axis=0)  # [B,T,D]
+        x = x.astype(jnp.float32 if c.activation_dtype == "float32" else embedding.dtype)  # the activations' dtype
         if c.embed_scale:
             x = x * jnp.asarray(c.d_model**0.5, dtype=x.dtype)
         if c.positions == "learned":  # GPT-2: + a learned vector per position

@@ -128,12 +128,15 @@ def run_stack(params, tokens, mask, stack, score_args, cache=None, *, config: Mo
             return score(unembed(params, sites["final_norm"][:, T - tail :], config), score_args)
 
     R, run = tokens.shape[0], (tail if tail_only else T)
-    live = point_bytes(config, R, run, T, stack=stack, itemsize=itemsize_of(params))
+    live = point_bytes(config, R, run, T, stack=stack, itemsize=activation_itemsize(params, config))
     return map_stack(one, stack, chunk or auto_chunk(R, tail, config.vocab_size, tail_only, live=live))
 
 
-def itemsize_of(params) -> int:
-    """Bytes per activation: the params' float dtype (activations follow the weights)."""
+def activation_itemsize(params, config: ModelConfig) -> int:
+    """Bytes per activation: 4 with float32 activations (the default, `ModelConfig.activation_dtype`),
+    else the params' float dtype's. Also used for the KV cache (the weights' dtype): an upper bound."""
+    if config.activation_dtype == "float32":
+        return 4
     return max(jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
 
 

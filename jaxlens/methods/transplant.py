@@ -91,7 +91,7 @@ def generate_sweep(params, tokens, mask, source, pairs, eos, *, config: ModelCon
     The clean pass runs once over all but the last column; each pair re-runs the last prompt token
     with its transplant on that cache (the prefill) and decodes from there (`generate.decode`)."""
     from jaxlens.methods.generate import decode
-    from jaxlens.methods.sweep import itemsize_of, point_bytes
+    from jaxlens.methods.sweep import activation_itemsize, point_bytes
 
     cache = prefix_cache(params, tokens, mask, config=config, tail=1)
     stack = pair_stack(source, pairs, jnp.ones((tokens.shape[0], 1), bool), site)
@@ -102,7 +102,7 @@ def generate_sweep(params, tokens, mask, source, pairs, eos, *, config: ModelCon
     # Each pair reads the shared prefix in place and carries only its own tail (its last prompt
     # token and the new tokens' keys/values): the chunk is sized to that.
     R, S = tokens.shape[0], tokens.shape[1] + max_new_tokens
-    live = point_bytes(config, R, 1, S, cache=1 + max_new_tokens, stack=stack, itemsize=itemsize_of(params))
+    live = point_bytes(config, R, 1, S, cache=1 + max_new_tokens, stack=stack, itemsize=activation_itemsize(params, config))
     return map_stack(one, stack, chunk or auto_chunk(R, 1, config.vocab_size, True, live=live))
 
 
