@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from jaxlens.core.config import ModelConfig
-from jaxlens.core.sharding import params_shardings
+from jaxlens.core.sharding import constrain_batch, params_shardings
 from jaxlens.kernels.lens import hidden_states, logits_of
 
 META_FILE = "tuned_lens.json"
@@ -83,29 +83,35 @@ def optimizer(steps: int, lr: float = 0.1, momentum: float = 0.9, weight_decay: 
     return optax.chain(*parts)
 
 
-def _layer_kl(params, config, h, A, b, logp_final):
+def _layer_kl(params, config, h, A, b, logp_final, mesh=None):
     """KL(final || tuned lens) per token of one layer: h [N, D] residuals, logp_final [N, V]."""
-    logits = logits_of(params, h + h @ A.T.astype(h.dtype) + b.astype(h.dtype), config=config)  # [N, V]
+    x = h + h @ A.T.astype(h.dtype) + b.astype(h.dtype)
+    # The translated residual as the model holds one: rows over the data axes, D whole. Left to the
+    # partitioner, with A's D_out over `model` and the unembedding's V over `model`, XLA (Shardy and
+    # GSPMD, jax 0.10.2, CPU) returned a wrong gradient of A through the final norm (0.6 relative).
+    x = constrain_batch(mesh, x)[0]
+    logits = logits_of(params, x, config=config)  # [N, V]
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.sum(jnp.exp(logp_final) * (logp_final - logp), axis=-1)  # [N]
 
 
-def kl_per_layer(translators, params, hidden, logp_final, weights, *, config: ModelConfig):
+def kl_per_layer(translators, params, hidden, logp_final, weights, *, config: ModelConfig, mesh=None):
     """Mean KL per layer [L] over weighted tokens. hidden [L, N, D] (`hidden_states`); logp_final
     [N, V]; weights [N] (the reference's plain mean over tokens when all are 1: it trains on packed
     text, no padding).
 
     The layers go one at a time (lax.map) and each is rematerialised in the backward pass, so the
-    peak memory is a few [N, V] arrays, never [L, N, V]."""
-    layer = jax.checkpoint(partial(_layer_kl, params, config, logp_final=logp_final))
+    peak memory is a few [N, V] arrays, never [L, N, V]. mesh: the one the step runs on (traced
+    arrays do not tell)."""
+    layer = jax.checkpoint(partial(_layer_kl, params, config, logp_final=logp_final, mesh=mesh))
     kl = jax.lax.map(lambda a: layer(*a), (hidden, translators["A"], translators["b"]))  # [L, N]
     return (kl * weights).sum(-1) / jnp.maximum(weights.sum(), 1.0)
 
 
-def loss(translators, params, hidden, logp_final, weights, *, config: ModelConfig):
+def loss(translators, params, hidden, logp_final, weights, *, config: ModelConfig, mesh=None):
     """The training loss: the SUM over layers of each layer's mean KL, as the reference (each layer's
     loss back-propagated on its own, so the gradients add). Returns (loss, per-layer KL [L])."""
-    per_layer = kl_per_layer(translators, params, hidden, logp_final, weights, config=config)
+    per_layer = kl_per_layer(translators, params, hidden, logp_final, weights, config=config, mesh=mesh)
     return per_layer.sum(), per_layer
 
 
@@ -124,7 +130,7 @@ def _step(params, translators, opt_state, tokens, mask, *, config: ModelConfig, 
     logp_final = jax.lax.stop_gradient(jax.nn.log_softmax(logits.reshape(B * T, -1).astype(jnp.float32), axis=-1))
     weights = mask.reshape(-1).astype(jnp.float32)
     (value, per_layer), grads = jax.value_and_grad(loss, has_aux=True)(translators, params, hidden, logp_final, weights,
-                                                                        config=config)
+                                                                        config=config, mesh=mesh)
     updates, opt_state = opt.update(grads, opt_state, translators)
     translators = optax.apply_updates(translators, updates)
     # Pinned: the outputs keep the inputs' shardings (left to propagation they could come back
