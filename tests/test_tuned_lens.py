@@ -98,7 +98,8 @@ def test_training_loss_matches_the_kernel(trained):
     model, translators, _, _ = trained
     tokens = jnp.asarray(random_tokens(2, (4, 16)))
     opt = tuned_lens.optimizer(1, lr=0.0, weight_decay=0.0)
-    _, _, value, per_layer = tuned_lens._step(model.params, translators, opt.init(translators), tokens,
+    copy = jax.tree.map(jnp.copy, translators)  # the step consumes (donates) its translators
+    _, _, value, per_layer = tuned_lens._step(model.params, copy, opt.init(copy), tokens,
                                               jnp.ones((4, 16), jnp.int32), config=model.config, opt=opt,
                                               mesh=model.mesh)
     kernel = tuned_lens.kl_by_layer(model.params, np.asarray(tokens)[None], translators, config=model.config)

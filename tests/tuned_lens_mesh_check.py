@@ -104,3 +104,8 @@ for name in one:
 kl = rel(tl.kl_by_layer(split.params, blocks, back, config=cfg), tl.kl_by_layer(single.params, blocks, ref, config=cfg))
 assert kl < 1e-5, kl
 print("lens through split translators equal")
+
+# The steps donate their translators: a caller's (device) translators stay valid after fit.
+_ = tl.fit(split.params, blocks, **{**kw, "steps": 1}, translators=back)
+assert not back["A"].is_deleted()
+np.testing.assert_array_equal(np.asarray(back["A"]), np.asarray(got["A"]))

@@ -115,10 +115,11 @@ def loss(translators, params, hidden, logp_final, weights, *, config: ModelConfi
     return per_layer.sum(), per_layer
 
 
-@partial(jax.jit, static_argnames=("config", "opt", "mesh"))
+@partial(jax.jit, static_argnames=("config", "opt", "mesh"), donate_argnames=("translators", "opt_state"))
 def _step(params, translators, opt_state, tokens, mask, *, config: ModelConfig, opt, mesh):
     """One training step on `mesh` (the params' and the translators'; params first, as every probe
-    `jaxlens plan` / `bench` compiles)."""
+    `jaxlens plan` / `bench` compiles). The translators and optimiser state are donated: updated in
+    place, not held twice."""
     from jaxlens.core.forward import _forward
 
     # _forward with the mesh: the batch split over the data axes, each layer gathered over fsdp in
@@ -222,7 +223,8 @@ def fit(params, blocks, *, config: ModelConfig, steps: int = 40, lr: float = 0.1
     if translators is None:
         translators = init_translators(config, mesh)
     else:
-        translators = put_sharded(translators, translator_shardings(translators, mesh))
+        # A copy: the steps update theirs in place (donated); the caller's stays valid.
+        translators = jax.tree.map(jnp.copy, put_sharded(translators, translator_shardings(translators, mesh)))
     opt = optimizer(steps, lr, momentum, weight_decay, clip)
     per_step = blocks.shape[1] * blocks.shape[2]
 

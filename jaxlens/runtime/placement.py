@@ -103,8 +103,9 @@ def to_host(tree):
 
 
 def wait(tree):
-    """Block until `tree` is computed (the loop's one-batch-behind pacing, and honest timings)."""
-    return jax.block_until_ready(tree)
+    """Block until `tree` is computed (the loop's one-batch-behind pacing, and honest timings).
+    Leaves a later step was donated (deleted) are skipped: that step consumed them."""
+    return jax.block_until_ready([a for a in jax.tree.leaves(tree) if not (isinstance(a, jax.Array) and a.is_deleted())])
 
 
 @contextlib.contextmanager
