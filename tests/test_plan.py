@@ -77,6 +77,23 @@ def test_plan_command_on_a_simulated_mesh(tiny_checkpoint, tmp_path, capsys):
     assert code == 2  # not a size it understands: refused before compiling
 
 
+def test_tuned_lens_probe_splits_the_translators(tiny_checkpoint, tmp_path):
+    """One training step of the tuned lens on 8 simulated devices (fsdp=2, model=4): A and its
+    momentum take 1/(fsdp x model) of a device each (b [L, D] replicated); before, both whole."""
+    _, directory = tiny_checkpoint("llama")
+    config = load_config(str(directory))
+    out = tmp_path / "plan.json"
+    code = cli.main(["plan", "--model", str(directory), "--mesh", "fsdp=2,model=4", "--batch", "4x16", "--probe",
+                     "tuned-lens", "--dtype", "float32", "--device-memory", "1GB", "--no-search", "--json", str(out)])
+    assert code == 0
+    d = json.loads(out.read_text())["per_device_bytes"]
+    L, D = config.n_layers, config.d_model
+    assert d["translators"] == 4 * L * D * D // 8 + 4 * L * D, d
+    assert d["optimizer"] == d["translators"] + 4  # the momentum, and the schedule's int32 step count
+    assert d["inputs"] >= d["translators"] + d["optimizer"]
+    assert PL.flops_per_token(config, 16, "tuned-lens") > PL.flops_per_token(config, 16, "forward")
+
+
 def test_options_are_checked():
     assert parse_mesh("data=2,fsdp=8,model=4") == {"data": 2, "fsdp": 8, "model": 4}
     assert parse_mesh("fsdp=16") == {"fsdp": 16}

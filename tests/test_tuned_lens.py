@@ -10,7 +10,7 @@ import pytest
 import jaxlens
 from jaxlens.methods import tuned_lens
 from jaxlens.kernels.lens import lens_from_tokens
-from conftest import random_tokens
+from conftest import random_tokens, run_on_8_devices
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,10 @@ def test_training_loss_matches_the_kernel(trained):
     model, translators, _, _ = trained
     tokens = jnp.asarray(random_tokens(2, (4, 16)))
     opt = tuned_lens.optimizer(1, lr=0.0, weight_decay=0.0)
-    _, _, value, per_layer = tuned_lens._step(translators, opt.init(translators), model.params, tokens,
-                                              jnp.ones((4, 16), jnp.int32), config=model.config, opt=opt)
+    copy = jax.tree.map(jnp.copy, translators)  # the step consumes (donates) its translators
+    _, _, value, per_layer = tuned_lens._step(model.params, copy, opt.init(copy), tokens,
+                                              jnp.ones((4, 16), jnp.int32), config=model.config, opt=opt,
+                                              mesh=model.mesh)
     kernel = tuned_lens.kl_by_layer(model.params, np.asarray(tokens)[None], translators, config=model.config)
     np.testing.assert_allclose(np.asarray(per_layer), kernel, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(value), kernel.sum(), rtol=1e-4)
@@ -155,6 +157,14 @@ def test_save_load_round_trip(trained, tmp_path):
         tuned_lens.load(tmp_path)
     with pytest.raises(ValueError, match="train one for this model"):
         tuned_lens.load(out, model.config.__class__(**{**model.config.__dict__, "d_model": 32}))
+
+
+def test_translators_split_over_the_mesh_match_one_device(tiny_checkpoint, tmp_path):
+    """data=2, fsdp=2, model=2: translators and momentum split by the tuned_lens/A rule, and fit,
+    fit_shortcut, save/load and the lens give one device's numbers (tests/tuned_lens_mesh_check.py)."""
+    _, directory = tiny_checkpoint("llama")
+    run = run_on_8_devices("tuned_lens_mesh_check.py", directory, tmp_path, timeout=600)
+    assert "step keeps translators and momentum split" in run and "lens through split translators equal" in run
 
 
 def test_an_old_format_directory_is_refused(trained, tmp_path):

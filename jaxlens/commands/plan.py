@@ -85,11 +85,16 @@ def run(args) -> int:
           f"mesh {mesh_text} ({n} devices, {jax.devices()[0].platform}); compiled in {p.compile_s:.1f} s")
     total_params = total_params_bytes(config, args.dtype)
     d = p.per_device
-    inputs_extra = {"neurons": ", accumulators", "steer": ", the stacked points", "transplant": ", the stacked points"}
+    inputs_extra = {"neurons": ", accumulators", "steer": ", the stacked points", "transplant": ", the stacked points",
+                    "tuned-lens": ", translators, optimiser state"}
     print("per device:")
     print(f"  params            {format_bytes(d['params']):>12}   (all params {format_bytes(total_params)}; / {n} devices = "
           f"{format_bytes(total_params / n)})")
     print(f"  inputs            {format_bytes(d['inputs']):>12}   (tokens, mask{inputs_extra.get(args.probe, '')})")
+    if "translators" in d:
+        whole = 4 * config.n_layers * config.d_model * (config.d_model + 1)  # float32 A and b, replicated
+        print(f"    of which translators {format_bytes(d['translators']):>9}   (A, b float32: all {format_bytes(whole)}), "
+              f"optimiser state {format_bytes(d['optimizer'])}")
     print(f"  outputs           {format_bytes(d['outputs']):>12}")
     print(f"  XLA temporaries   {format_bytes(d['temps']):>12}   (activations, gathered layer weights, scores)")
     print(f"  total             {format_bytes(d['total']):>12}")
@@ -124,7 +129,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch", default="1x2048", help="ROWSxTOKENS (default 1x2048)")
     p.add_argument("--probe", default="forward", help="forward (with --capture) | lens | neurons | steer (a steering "
-                   "grid of --points points, every position) | transplant (--points layer pairs, a one-token tail)")
+                   "grid of --points points, every position) | transplant (--points layer pairs, a one-token tail) | "
+                   "tuned-lens (one training step of the translators, split over the mesh, with their momentum)")
     p.add_argument("--capture", default="resid_post", help="forward probe: sites captured, comma-separated ('' = none)")
     p.add_argument("--languages", type=int, default=8, help="neurons probe: number of language groups")
     p.add_argument("--points", type=int, default=64, help="steer / transplant probes: points of the sweep")

@@ -40,7 +40,7 @@ def run(args) -> int:
     texts, held = tl.default_texts("test"), tl.default_texts("val")
     rows, length = EVAL_BLOCK
     held_blocks = tl.token_blocks(model, held, rows, length, limit_tokens=max(args.eval_tokens, rows * length))[: max(1, args.eval_tokens // (rows * length))]
-    translators = tl.init_translators(cfg)
+    translators = tl.init_translators(cfg, model.mesh)
     if args.shortcut_tokens:
         translators = tl.fit_shortcut(model.params, tl.token_blocks(model, texts, 4, 64, limit_tokens=args.shortcut_tokens), config=cfg)
     shortcut_kl = tl.kl_by_layer(model.params, held_blocks, translators, config=cfg)

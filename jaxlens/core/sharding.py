@@ -36,8 +36,13 @@ PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
     (r"^layers/mlp/up/kernel$", (None, "fsdp", "model")),  # [L, D, F] (ungated MLPs)
     (r"^layers/mlp/up/bias$", (None, "model")),  # [L, F]
     (r"^layers/mlp/down/kernel$", (None, "model", "fsdp")),  # [L, F, D]
+    # Tuned-lens translators (methods/tuned_lens.py), not model params: A [L, D_out, D_in], the D_in
+    # it contracts over `fsdp` as every matrix's d_model dim, D_out over `model`, so A (and its
+    # momentum) take 1/(fsdp x model) of a device like the weights (80 x 8192^2 f32 = 20 GiB at 70B).
+    (r"^tuned_lens/A$", (None, "model", "fsdp")),
     # Replicated on purpose (small, or [D]-wide): norm scales and biases (incl. OLMo 2's [L, N*H]
-    # q/k norms, BLOOM's embed_norm), the o / down biases [L, D], GPT-2's positions [P, D].
+    # q/k norms, BLOOM's embed_norm), the o / down biases [L, D], GPT-2's positions [P, D], the
+    # translators' b [L, D] (2.5 MiB at 70B).
 )
 
 

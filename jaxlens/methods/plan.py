@@ -23,7 +23,7 @@ from jaxlens.core.forward import _forward, param_shapes
 from jaxlens.core.sharding import batch_spec, data_size, params_shardings, path_str, undivided
 from jaxlens.core.sites import check_sites
 
-PROBES = ("forward", "lens", "neurons", "steer", "transplant")
+PROBES = ("forward", "lens", "neurons", "steer", "transplant", "tuned-lens")
 
 # HBM per chip, GiB (vendors' figures): `--device-memory` accepts these names.
 DEVICE_MEMORY_GIB = {"v5e": 16, "v5p": 95, "v6e": 32, "a100-40": 40, "a100-80": 80, "h100": 80, "h200": 141}
@@ -80,11 +80,15 @@ def params_bytes_per_device(params) -> int:
                    for leaf in jax.tree.leaves(params)))
 
 
-def mesh_warnings(config: ModelConfig, mesh, batch: int) -> list[str]:
-    """Each dimension that does not divide its mesh axis (replicated over it), and a batch that
-    does not divide the data axes."""
+def mesh_warnings(config: ModelConfig, mesh, batch: int, probe: str = "forward") -> list[str]:
+    """Each dimension that does not divide its mesh axis (replicated over it), the tuned lens's
+    translators' too, and a batch that does not divide the data axes."""
     lines = []
     shapes = param_shapes(config)
+    if probe == "tuned-lens":
+        from jaxlens.methods.tuned_lens import translator_shapes
+
+        shapes = {**shapes, "tuned_lens": translator_shapes(config.n_layers, config.d_model)}
     jax.tree_util.tree_map_with_path(lambda kp, leaf: lines.extend(undivided(path_str(kp), leaf.shape, mesh)), shapes)
     if batch % data_size(mesh):
         lines.append(f"batch {batch} does not divide data x fsdp = {data_size(mesh)}: replicated, "
@@ -116,6 +120,17 @@ def _lower(probe: str, config: ModelConfig, params, mesh, batch: int, seq_len: i
             (state, tokens, tokens, tokens, groups)
     if probe in ("steer", "transplant"):
         return _lower_sweep(probe, config, params, mesh, tokens, points)
+    if probe == "tuned-lens":  # one training step: translators and optimiser state as `fit` places them
+        from jaxlens.methods import tuned_lens as tl
+
+        opt = tl.optimizer(1)
+        shapes = tl.translator_shapes(config.n_layers, config.d_model)
+        placed = lambda tree, shardings: jax.tree.map(  # noqa: E731
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+        translators = placed(shapes, tl.translator_shardings(shapes, mesh, warn=False))
+        state = placed(jax.eval_shape(opt.init, shapes), tl.opt_shardings(opt, shapes, mesh))
+        return tl._step.lower(params, translators, state, tokens, tokens, config=config, opt=opt, mesh=mesh), \
+            (translators, state, tokens, tokens)
     raise ValueError(f"probe={probe!r}: choose one of {', '.join(PROBES)}")
 
 
@@ -191,10 +206,13 @@ def compile_probe(config: ModelConfig, mesh, *, probe: str = "forward", dtype="b
     # Every param shard stays resident, used by this program or not (XLA's argument count leaves
     # out the unused ones, e.g. the unembedding of a probe that never makes logits).
     per_device["inputs"] = params_bytes_per_device(inputs)
+    if probe == "tuned-lens":  # of the inputs: the translators, then the optimiser state (momentum)
+        per_device["translators"] = params_bytes_per_device(inputs[0])
+        per_device["optimizer"] = params_bytes_per_device(inputs[1])
     per_device["total"] = (per_device["params"] + per_device["inputs"] + per_device["outputs"] + per_device["temps"]
                            - int(mem.alias_size_in_bytes))
     p = Plan(probe, dict(mesh.shape), str(jnp.dtype(resolve_dtype(dtype))), batch, seq_len, per_device,
-             flops_per_token(config, seq_len, probe, points), mesh_warnings(config, mesh, batch), seconds)
+             flops_per_token(config, seq_len, probe, points), mesh_warnings(config, mesh, batch, probe), seconds)
     return p, compiled
 
 
@@ -202,7 +220,9 @@ def flops_per_token(config: ModelConfig, seq_len: int, probe: str = "forward", p
     """Matmul FLOPs per token as the program computes them (XLA's cost analysis counts a loop body
     once, not once per layer, so it cannot give this): 2 x every layer's kernels, q.k and p.v over
     all seq_len keys (masks skip no work), and the unembedding (forward) or the lens's one per
-    layer at the last position (lens). Sweeps, per prompt token of the batch: a steering grid runs
+    layer at the last position (lens). The tuned lens's step: the forward, then per layer the
+    translator and the full unembedding forward, again in the backward's recompute, and their
+    backward (A's gradient, the unembedding's input gradient): 3 x (2 D^2 + 2 D V). Sweeps, per prompt token of the batch: a steering grid runs
     `points` full passes, unembedded at the last position; a transplant sweep one clean pass and
     per point one re-run token (attending to all seq_len keys), unembedded."""
     kernels = 0
@@ -216,6 +236,8 @@ def flops_per_token(config: ModelConfig, seq_len: int, probe: str = "forward", p
         return float(points * (2 * kernels + attention + 2 * head / seq_len))
     if probe == "transplant":
         return float(2 * kernels + attention + points * (2 * kernels + attention + 2 * head) / seq_len)
+    if probe == "tuned-lens":
+        return float(2 * kernels + attention + 2 * head + config.n_layers * 3 * (2 * config.d_model ** 2 + 2 * head))
     head = {"forward": 2 * head, "lens": 2 * head * config.n_layers / seq_len, "neurons": 0}[probe]
     return float(2 * kernels + attention + head)
 

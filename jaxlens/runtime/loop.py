@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from jaxlens.runtime.distributed import is_primary
-from jaxlens.runtime.placement import put, put_replicated, to_host, wait
+from jaxlens.runtime.placement import onto_mesh, put, to_host, wait
 
 
 def _tokens(batch) -> int:
@@ -102,9 +102,11 @@ class Checkpoint:
 
 def accumulate(batches: Sequence, step: Callable, state, *, mesh, inputs: Callable, checkpoint: Checkpoint | None = None,
                on_batch: Callable[[int], None] | None = None, desc: str | None = None, progress: bool = True,
-               size: Callable[[Any], int] = _tokens):
+               size: Callable[[Any], int] = _tokens, host: bool = True):
     """state = step(batch i, state, *placed inputs of batch i) over every batch, on device; returns the final
-    state as numpy. One batch stays in flight (the host waits for batch i-1 after dispatching i),
+    state as numpy (host=False: as device arrays, in their shardings: state too large for one host,
+    e.g. tuned-lens translators split over the mesh). Leaves already on the mesh keep their
+    shardings; the others start replicated. One batch stays in flight (the host waits for batch i-1 after dispatching i),
     so the bar shows real throughput and host memory stays bounded. With `checkpoint`, the state is
     saved every `checkpoint.every` batches and at the end, and a rerun resumes after the last save
     with bit-identical results."""
@@ -113,7 +115,7 @@ def accumulate(batches: Sequence, step: Callable, state, *, mesh, inputs: Callab
     start = 0
     # On the mesh from the start: a restored checkpoint takes the template's placement, and an
     # uncommitted template would come back committed to one device, beside params on many.
-    state = put_replicated(mesh, state)
+    state = onto_mesh(mesh, state)
     if checkpoint is not None:
         state, start = checkpoint.restore(state)
         if start and is_primary():
@@ -140,5 +142,4 @@ def accumulate(batches: Sequence, step: Callable, state, *, mesh, inputs: Callab
         bar.close()
         if checkpoint is not None:
             checkpoint.close()
-    return to_host(state)
-
+    return to_host(state) if host else state

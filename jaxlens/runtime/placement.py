@@ -65,6 +65,29 @@ def put_replicated(mesh: Mesh, tree):
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+def put_sharded(tree, shardings):
+    """A pytree (host or device arrays) placed on `shardings` (a matching tree of NamedShardings):
+    state split over the mesh like the weights (tuned-lens translators). With several processes
+    every process holds the same host values and places only its own devices' shards."""
+    def place(a, sharding):
+        if isinstance(a, jax.Array) or jax.process_count() == 1:
+            return jax.device_put(a, sharding)
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(place, tree, shardings)
+
+
+def onto_mesh(mesh: Mesh, tree):
+    """A pytree on `mesh`: leaves already placed on it keep their shardings (sharded state stays
+    sharded), every other leaf is replicated (`put_replicated`)."""
+    def place(a):
+        placed = isinstance(a, jax.Array) and isinstance(a.sharding, NamedSharding) and a.sharding.mesh == mesh
+        return a if placed else put_replicated(mesh, a)
+
+    return jax.tree.map(place, tree)
+
+
 def to_host(tree):
     """Device results -> numpy (waits for them). Arrays spread over several processes are
     all-gathered (once per call), so every process gets the same numpy."""
@@ -80,8 +103,9 @@ def to_host(tree):
 
 
 def wait(tree):
-    """Block until `tree` is computed (the loop's one-batch-behind pacing, and honest timings)."""
-    return jax.block_until_ready(tree)
+    """Block until `tree` is computed (the loop's one-batch-behind pacing, and honest timings).
+    Leaves a later step was donated (deleted) are skipped: that step consumed them."""
+    return jax.block_until_ready([a for a in jax.tree.leaves(tree) if not (isinstance(a, jax.Array) and a.is_deleted())])
 
 
 @contextlib.contextmanager
