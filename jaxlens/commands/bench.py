@@ -51,7 +51,7 @@ def model_params(args):
         from jaxlens.core.sharding import default_mesh
         from jaxlens.runtime.bench import random_params
 
-        config = load_config(args.model)
+        config = load_config(args.model, args.activations)
         mesh = build_mesh(args) or default_mesh()
         print(f"random weights at {args.model} ({config.family}, {config.n_layers} layers, d_model {config.d_model})")
         return config, random_params(config, mesh, args.dtype, args.seed), mesh

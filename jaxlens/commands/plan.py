@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from jaxlens.commands.options import parse_mesh
+from jaxlens.core.config import ACTIVATION_DTYPES
 
 _CHILD = "_JAXLENS_PLAN_DEVICES"  # set in the re-executed child: its device count is the mesh's
 
@@ -26,9 +27,15 @@ def parse_batch(text: str) -> tuple[int, int]:
     return int(rows), int(length)
 
 
-def load_config(model: str):
+def load_config(model: str, activations: str = "float32"):
     """A bundled config's name or hub id, a checkpoint directory, or a config.json path -> ModelConfig
-    (configs only: nothing else is read)."""
+    (configs only: nothing else is read), with `activations` its activation_dtype."""
+    import dataclasses
+
+    return dataclasses.replace(_hf_config(model), activation_dtype=activations)
+
+
+def _hf_config(model: str):
     import json
 
     from jaxlens.converters.families import config_from_hf
@@ -48,7 +55,8 @@ def _reexec(args, devices: int) -> int:
     """Run this command again in a child whose CPU backend has `devices` simulated devices."""
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", _CHILD: str(devices)}
-    argv = ["plan", "--model", args.model, "--mesh", args.mesh, "--dtype", args.dtype, "--batch", args.batch,
+    argv = ["plan", "--model", args.model, "--mesh", args.mesh, "--dtype", args.dtype, "--activations", args.activations,
+            "--batch", args.batch,
             "--probe", args.probe, "--capture", args.capture, "--device-memory", args.device_memory,
             "--languages", str(args.languages), "--points", str(args.points)] + (["--no-search"] if args.no_search else []) + \
            (["--json", str(args.json)] if args.json else [])
@@ -65,7 +73,7 @@ def run(args) -> int:
         raise ValueError(f"--probe {args.probe!r}: choose one of {', '.join(PROBES)}")
     if args.points < 1:
         raise ValueError(f"--points {args.points}: a sweep needs at least one point")
-    config = load_config(args.model)  # before any compile: a wrong --model fails fast
+    config = load_config(args.model, args.activations)  # before any compile: a wrong --model fails fast
     n = sizes["data"] * sizes["fsdp"] * sizes["model"]
 
     import jax
@@ -127,6 +135,8 @@ def register(sub) -> None:
                    "gemma-2-27b, or their hub ids), a checkpoint directory or a config.json")
     p.add_argument("--mesh", default="data=1", help="axis sizes, e.g. data=2,fsdp=8,model=4 (simulated devices)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--activations", default="float32", choices=ACTIVATION_DTYPES,
+                   help="activation dtype: float32 (default; bf16 matmuls still) or 'params' (as the params)")
     p.add_argument("--batch", default="1x2048", help="ROWSxTOKENS (default 1x2048)")
     p.add_argument("--probe", default="forward", help="forward (with --capture) | lens | neurons | steer (a steering "
                    "grid of --points points, every position) | transplant (--points layer pairs, a one-token tail) | "
