@@ -143,6 +143,8 @@ if __name__ == "__main__":
     parser.add_argument("--bf16", action="store_true", help="bfloat16 against float32 (jaxlens and transformers)")
     parser.add_argument("--items", type=int, default=1, help="XCOPA items per language")
     args = parser.parse_args()
+    if args.bf16:
+        print(f"{'model':<20} {'tokens':>6}  {'compared vs reference':<58} {'top-1':>6}  {'KL mean':>8}  {'KL max':>6}")
     for alias in args.aliases:
         result = compare(alias, xcopa_texts(args.items), "bfloat16" if args.bf16 else "float32")
         print(json.dumps(result), flush=True)

@@ -36,14 +36,15 @@ def test_real_weights_match_transformers(alias):
 
 @pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
 def test_real_weights_bfloat16_tracks_float32(alias):
-    """jaxlens bf16 against jaxlens float32 on 3 XCOPA items per language (about 2 and 5 minutes).
-    The issue's bar is top-1 agreement >= 0.99; measured 0.978 / 0.975 (transformers' own bf16: 0.96),
-    see docs/parity.md, so this asserts what holds and marks the bar as not met."""
+    """jaxlens bf16 (float32 activations, the default) against float32 on the same weights, 3 XCOPA
+    items per language (about 3 and 6 minutes): the issue's bar, top-1 >= 0.99 (measured 0.991 /
+    0.992, docs/parity.md), ahead of the all-bf16 run and of transformers' bf16 on the same pair."""
     result = compare(alias, xcopa_texts(3), "bfloat16")
     print(result)
-    ours = result["jaxlens-bfloat16 vs jaxlens-float32"]
-    theirs = result["transformers-bfloat16 vs transformers-float32"]
+    ours = result["jaxlens-bfloat16 vs jaxlens-float32-bf16w"]
+    pure = result["jaxlens-bfloat16-pure vs jaxlens-float32-bf16w"]
+    theirs = result["transformers-bfloat16 vs transformers-float32-bf16w"]
     assert result["tokens"] >= 900
-    assert ours["top1_agreement"] >= theirs["top1_agreement"], result  # no worse than transformers' bf16
-    assert ours["top1_agreement"] >= 0.97, result
-    assert ours["kl_mean"] < 2e-3, result
+    assert ours["top1_agreement"] >= 0.99, result
+    assert ours["top1_agreement"] > pure["top1_agreement"] >= theirs["top1_agreement"], result
+    assert ours["kl_mean"] < 5e-4, result
