@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 import jaxlens
+from mesh_compare import assert_outputs_equal, rel
 from jaxlens.core import sharding
 from jaxlens.core.forward import _forward
 from jaxlens.kernels.lens import lens_from_tokens
@@ -41,9 +42,6 @@ mask = np.ones_like(tokens)
 mask[::2, :5] = 0  # left padding on half the rows
 
 
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
 
 
 # 1. The forward with captures.
@@ -67,12 +65,7 @@ print(f"per-layer weight all-gathers in the loop: {len(gathers)}")
 # 2. The fused lens (forward + lens in one program).
 kw = dict(config=single.config, positions="all", k=5, targets=np.array([1, 2], np.int32), chunk=24)
 one, many = lens_from_tokens(single.params, tokens, mask, **kw), lens_from_tokens(split.params, tokens, mask, **kw)
-for name in one:
-    x, y = np.asarray(one[name]), np.asarray(many[name])
-    if x.dtype.kind in "iub":
-        assert (x == y).all(), name
-    else:
-        assert rel(y, x) < 1e-5, (name, rel(y, x))
+assert_outputs_equal(one, many)
 print("lens equal")
 
 # 3. Neuron statistics through the method (forward + reducer + accumulation).

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 import jaxlens
+from mesh_compare import assert_outputs_equal, rel
 from jaxlens.kernels.lens import lens_from_tokens
 from jaxlens.methods import tuned_lens as tl
 
@@ -30,9 +31,6 @@ L, D = cfg.n_layers, cfg.d_model
 blocks = np.random.default_rng(0).integers(0, 128, size=(3, 4, 16)).astype(np.int32)  # 4 rows: data x fsdp
 
 
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
 
 
 def assert_split(tr):
@@ -95,12 +93,7 @@ lens_tokens = np.random.default_rng(1).integers(0, 128, size=(8, 12)).astype(np.
 lkw = dict(config=cfg, positions="all", k=5, embedding=True, layers=tuple(range(L - 1)), chunk=24)
 one = lens_from_tokens(single.params, lens_tokens, mask, translators=ref, **lkw)
 many = lens_from_tokens(split.params, lens_tokens, mask, translators=back, **lkw)
-for name in one:
-    x, y = np.asarray(one[name]), np.asarray(many[name])
-    if x.dtype.kind in "iub":
-        assert (x == y).all(), name
-    else:
-        assert rel(y, x) < 1e-5, (name, rel(y, x))
+assert_outputs_equal(one, many)
 kl = rel(tl.kl_by_layer(split.params, blocks, back, config=cfg), tl.kl_by_layer(single.params, blocks, ref, config=cfg))
 assert kl < 1e-5, kl
 print("lens through split translators equal")
