@@ -96,13 +96,12 @@ class ModelConfig:
     # memory linear in the sequence, not quadratic). Sequences of at most this many keys, and
     # calls that capture `attn_probs`, take the reference path (all scores at once); 0 = always.
     attn_block: int = 512
-    # The activations' dtype. "float32": float32 whatever the params' dtype, with bf16 weights every
-    # matmul still reads its input rounded to bf16 and accumulates in float32 (bf16 speed), but what
-    # it writes and every site (the residual stream, the MLP's states, the sublayers' outputs) stays
-    # float32; only q, k, v (and so the KV cache), read by nothing but the attention's own matmuls,
-    # are in the weights' dtype. bf16 then tracks float32 to >= 99% top-1 (docs/parity.md).
-    # "params": the params' dtype throughout, as transformers runs a bf16 model. The same with
-    # float32 params.
+    # The activations' dtype. "float32": float32 whatever the params' dtype. With bf16 weights each
+    # weight matmul still reads its input rounded to bf16 and accumulates in float32 (bf16 speed),
+    # but everything it writes (the residual stream, q/k/v and so the KV cache, the MLP's states,
+    # every site) stays float32, and the attention's own q.k and p.v run on float32: bf16 weights
+    # then track float32 to >= 99% top-1 (docs/parity.md). "params": the params' dtype throughout,
+    # as transformers runs a bf16 model. The same with float32 params.
     activation_dtype: str = "float32"
 
     def __post_init__(self):

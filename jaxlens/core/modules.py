@@ -156,13 +156,12 @@ def token_nll(params, h, targets, cfg: ModelConfig, chunk: int = 8192):
 class Linear(nn.Module):
     """x [..., in] -> [..., *out_shape], kernel [in, *out_shape]; einsum so heads stay an axis.
     Computes in the kernel's dtype (x rounded to it: bf16 weights, bf16 matmul, float32 accumulation)
-    and returns `out_dtype`: the kernel's by default (q, k, v), the activations' (ModelConfig.
-    activation_dtype) where the output is a site or a sum."""
+    and returns x's dtype, the activations' (`ModelConfig.activation_dtype`): with float32
+    activations nothing a matmul writes is rounded to bf16."""
 
     out_shape: tuple[int, ...]
     in_axes: int = 1  # how many trailing input axes are contracted
     use_bias: bool = False
-    out_dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
@@ -171,12 +170,12 @@ class Linear(nn.Module):
         kernel = gathered("/".join(self.path) + "/kernel", kernel)  # this layer's weights, whole over fsdp
         letters = "abcdefgh"
         ins, outs = letters[: self.in_axes], letters[self.in_axes : self.in_axes + len(self.out_shape)]
-        # float32 accumulation and bias, one rounding to out_dtype (as torch's addmm in bf16): a bias
+        # float32 accumulation and bias, one rounding to x.dtype (as torch's addmm in bf16): a bias
         # that cancels most of the product would otherwise add the product's rounding error.
         y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, self.out_shape, x.dtype).astype(jnp.float32)
-        return y.astype(self.out_dtype or kernel.dtype)
+        return y.astype(x.dtype)
 
 
 class Keys(NamedTuple):
@@ -234,8 +233,7 @@ class Attention(nn.Module):
         else:
             ctx = self._blocked(q, parts, keys)
         ctx = ctx.reshape(B, T, c.n_heads, c.head_dim)
-        out = Linear((c.d_model,), in_axes=2, use_bias=c.o_bias, out_dtype=x.dtype, name="o")(ctx)  # [B,T,D]
-        return out, new_kv
+        return Linear((c.d_model,), in_axes=2, use_bias=c.o_bias, name="o")(ctx), new_kv  # [B,T,D]
 
     def _bias(self, scores, key_positions, mask):
         """Raw q.k scores [B,K,G,T,C] float32 -> the ones softmax reads: scale, ALiBi, soft-cap, mask."""
@@ -307,13 +305,13 @@ class MLP(nn.Module):
         act = _activation(c.activation)
         if c.gated_mlp:
             # gate and up as one [D, 2, F] kernel: one wide matmul runs ~1.4x faster on CPU than two.
-            gate_up = Linear((2, c.d_ff), use_bias=c.mlp_bias, out_dtype=x.dtype, name="gate_up")(x)  # [B,T,2,F]
+            gate_up = Linear((2, c.d_ff), use_bias=c.mlp_bias, name="gate_up")(x)  # [B,T,2,F]
             neurons = site(self, ctx, "mlp_act", act(gate_up[..., 0, :]))  # [B,T,F]
             hidden = neurons * gate_up[..., 1, :]
         else:
-            hidden = neurons = site(self, ctx, "mlp_act", act(Linear((c.d_ff,), use_bias=c.mlp_bias, out_dtype=x.dtype, name="up")(x)))
+            hidden = neurons = site(self, ctx, "mlp_act", act(Linear((c.d_ff,), use_bias=c.mlp_bias, name="up")(x)))
         hidden = site(self, ctx, "mlp_hidden", hidden)
-        return Linear((c.d_model,), use_bias=c.mlp_bias, out_dtype=x.dtype, name="down")(hidden)  # [B,T,D]
+        return Linear((c.d_model,), use_bias=c.mlp_bias, name="down")(hidden)  # [B,T,D]
 
 
 class Block(nn.Module):

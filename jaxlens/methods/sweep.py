@@ -134,7 +134,7 @@ def run_stack(params, tokens, mask, stack, score_args, cache=None, *, config: Mo
 
 def activation_itemsize(params, config: ModelConfig) -> int:
     """Bytes per activation: 4 with float32 activations (the default, `ModelConfig.activation_dtype`),
-    else the params' float dtype's. Also used for the KV cache (the weights' dtype): an upper bound."""
+    else the params' float dtype's; the KV cache's too."""
     if config.activation_dtype == "float32":
         return 4
     return max(jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
