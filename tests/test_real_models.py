@@ -37,7 +37,7 @@ def test_real_weights_match_transformers(alias):
 @pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
 def test_real_weights_bfloat16_tracks_float32(alias):
     """jaxlens bf16 (float32 activations, the default) against float32 on the same weights, 3 XCOPA
-    items per language (about 3 and 6 minutes): the issue's bar, top-1 >= 0.99 (measured 0.991 /
+    items per language (about 3 and 6 minutes): the issue's bar, top-1 >= 0.99 (measured 0.996 /
     0.992, docs/parity.md), ahead of the all-bf16 run and of transformers' bf16 on the same pair."""
     result = compare(alias, xcopa_texts(3), "bfloat16")
     print(result)
@@ -47,4 +47,4 @@ def test_real_weights_bfloat16_tracks_float32(alias):
     assert result["tokens"] >= 900
     assert ours["top1_agreement"] >= 0.99, result
     assert ours["top1_agreement"] > pure["top1_agreement"] >= theirs["top1_agreement"], result
-    assert ours["kl_mean"] < 5e-4, result
+    assert ours["kl_mean"] < 3e-4, result
