@@ -179,3 +179,9 @@ def test_fused_tensor_of_wrong_shape(tiny_checkpoint, tmp_path, model_type, name
     rewrite_tensors(tmp_path / "ckpt", lambda t: t.update({name: np.concatenate([t[name], t[name][:32]])}))
     with pytest.raises(CheckpointError, match=rf"'{name}' has shape \(\d+, 64\), which does not fit the config"):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def test_bad_activation_dtype_is_refused_before_anything_is_read(tmp_path):
+    """The checkpoint does not exist: the activation_dtype error comes first, naming the choices."""
+    with pytest.raises(ValueError, match=r"activation_dtype='bf16'.*float32, params"):
+        jaxlens.load(tmp_path / "missing", activation_dtype="bf16")
