@@ -25,6 +25,13 @@ from jaxlens.runtime.zoo import DEFAULT_MODEL
 MODEL_HELP = "alias (gemma3-270m, smollm2-135m), HF dir, .gguf, hub id, or a `jaxlens convert` output"
 
 
+def add_activations_option(parser) -> None:
+    """--activations: ModelConfig.activation_dtype (model commands, plan, bench)."""
+    parser.add_argument("--activations", default="float32", choices=ACTIVATION_DTYPES,
+                        help="activation dtype: float32 (default; with bf16 params the matmuls still run in bf16) or "
+                             "'params' (the params' dtype throughout, as transformers runs a bf16 model)")
+
+
 def add_model_options(parser: argparse.ArgumentParser, *, default: str | None = DEFAULT_MODEL,
                       model_help: str = MODEL_HELP, model: bool = True) -> None:
     """model=False: a command that names its models otherwise (shared-space's --models) gets the rest."""
@@ -32,9 +39,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, default: str | None = 
     if model:
         g.add_argument("--model", default=default, help=model_help)
     g.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="parameter dtype (default float32)")
-    g.add_argument("--activations", default="float32", choices=ACTIVATION_DTYPES,
-                   help="activation dtype: float32 (default; with bf16 params the matmuls still run in bf16) or "
-                        "'params' (the params' dtype throughout, as transformers runs a bf16 model)")
+    add_activations_option(g)
     g.add_argument("--mesh", metavar="AXIS=N,...",
                    help=f"named device mesh, axes {', '.join(MESH_AXES)}: e.g. data=4,model=2 (default: one device; "
                         "with several processes, data over every device)")

@@ -13,8 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jaxlens.commands.options import parse_mesh
-from jaxlens.core.config import ACTIVATION_DTYPES
+from jaxlens.commands.options import add_activations_option, parse_mesh
 
 _CHILD = "_JAXLENS_PLAN_DEVICES"  # set in the re-executed child: its device count is the mesh's
 
@@ -135,8 +134,7 @@ def register(sub) -> None:
                    "gemma-2-27b, or their hub ids), a checkpoint directory or a config.json")
     p.add_argument("--mesh", default="data=1", help="axis sizes, e.g. data=2,fsdp=8,model=4 (simulated devices)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--activations", default="float32", choices=ACTIVATION_DTYPES,
-                   help="activation dtype: float32 (default; bf16 matmuls still) or 'params' (as the params)")
+    add_activations_option(p)
     p.add_argument("--batch", default="1x2048", help="ROWSxTOKENS (default 1x2048)")
     p.add_argument("--probe", default="forward", help="forward (with --capture) | lens | neurons | steer (a steering "
                    "grid of --points points, every position) | transplant (--points layer pairs, a one-token tail) | "

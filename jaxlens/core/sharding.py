@@ -113,6 +113,15 @@ def params_shardings(shapes, mesh: Mesh, warn: bool = True):
     )
 
 
+def abstract(tree, shardings):
+    """`tree`'s leaves (arrays or ShapeDtypeStructs) as ShapeDtypeStructs carrying `shardings`: one
+    sharding for every leaf, or a matching tree of them (what a compile ahead of time, or an orbax
+    restore into place, takes)."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings), tree)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
 def gathered(path: str, kernel):
     """Inside the layer scan: one layer's slice of `path` ([L, ...] stacked; the slice lacks L)
     gathered over `fsdp` (still split over `model`), when traced under `weights_mesh` with

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxlens.core.config import ModelConfig, resolve_dtype
 from jaxlens.core.forward import _forward, param_shapes
-from jaxlens.core.sharding import batch_spec, data_size, params_shardings, path_str, undivided
+from jaxlens.core.sharding import abstract, batch_spec, data_size, params_shardings, path_str, undivided
 from jaxlens.core.sites import check_sites
 
 PROBES = ("forward", "lens", "neurons", "steer", "transplant", "tuned-lens")
@@ -71,7 +71,7 @@ def abstract_params(config: ModelConfig, mesh, dtype="float32"):
     """The params pytree as ShapeDtypeStructs carrying their NamedShardings on `mesh`."""
     shapes = param_shapes(config, resolve_dtype(dtype))
     shardings = params_shardings(shapes, mesh, warn=False)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return abstract(shapes, shardings)
 
 
 def params_bytes_per_device(params) -> int:
@@ -113,8 +113,7 @@ def _lower(probe: str, config: ModelConfig, params, mesh, batch: int, seq_len: i
         from jaxlens.methods.neurons import _stats_step
 
         replicated = NamedSharding(mesh, P())
-        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                             jax.eval_shape(lambda: empty_state(config.n_layers, n_groups, config.d_ff)))
+        state = abstract(jax.eval_shape(lambda: empty_state(config.n_layers, n_groups, config.d_ff)), replicated)
         groups = jax.ShapeDtypeStruct((batch, n_groups), jnp.float32, sharding=rows)
         return _stats_step(config, False, mesh).lower(params, state, tokens, tokens, tokens, groups), \
             (state, tokens, tokens, tokens, groups)
@@ -125,10 +124,8 @@ def _lower(probe: str, config: ModelConfig, params, mesh, batch: int, seq_len: i
 
         opt = tl.optimizer(1)
         shapes = tl.translator_shapes(config.n_layers, config.d_model)
-        placed = lambda tree, shardings: jax.tree.map(  # noqa: E731
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-        translators = placed(shapes, tl.translator_shardings(shapes, mesh, warn=False))
-        state = placed(jax.eval_shape(opt.init, shapes), tl.opt_shardings(opt, shapes, mesh))
+        translators = abstract(shapes, tl.translator_shardings(shapes, mesh, warn=False))
+        state = abstract(jax.eval_shape(opt.init, shapes), tl.opt_shardings(opt, shapes, mesh))
         return tl._step.lower(params, translators, state, tokens, tokens, config=config, opt=opt, mesh=mesh), \
             (translators, state, tokens, tokens)
     raise ValueError(f"probe={probe!r}: choose one of {', '.join(PROBES)}")
@@ -148,7 +145,6 @@ def _lower_sweep(probe: str, config: ModelConfig, params, mesh, tokens, points: 
     if points < 1:
         raise ValueError(f"points={points}: a sweep needs at least one point")
     replicated = NamedSharding(mesh, P())
-    placed = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)  # noqa: E731
     R, T = tokens.shape
     L = config.n_layers
     rows = jax.ShapeDtypeStruct((R, L, config.d_model), jnp.float32)  # each row's vectors / source states
@@ -160,8 +156,8 @@ def _lower_sweep(probe: str, config: ModelConfig, params, mesh, tokens, points: 
         pairs = np.stack([np.arange(points) % L, np.arange(points) // L % L], -1).astype(np.int32)
         stack = jax.eval_shape(lambda s: pair_stack(s, pairs, jnp.ones((R, 1), bool)), rows)
         tail_only = True
-    args = placed((jax.ShapeDtypeStruct((4, 2), jnp.int32), jax.ShapeDtypeStruct((R,), jnp.int32)))  # 4 letters
-    stack = placed(stack)
+    args = abstract((jax.ShapeDtypeStruct((4, 2), jnp.int32), jax.ShapeDtypeStruct((R,), jnp.int32)), replicated)  # 4 letters
+    stack = abstract(stack, replicated)
     lowered = run_stack.lower(params, tokens, tokens, stack, args, config=config, tail=1, score=score_letters,
                               tail_only=tail_only)
     return lowered, (tokens, tokens, stack, args)
@@ -190,7 +186,7 @@ def compile_probe(config: ModelConfig, mesh, *, probe: str = "forward", dtype="b
     if params is None:
         params = abstract_params(config, mesh, dtype)
     else:  # their shapes, dtypes and shardings only
-        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
+        params = abstract(params, jax.tree.map(lambda a: a.sharding, params))
         dtype = jax.tree.leaves(params)[0].dtype
     start = time.perf_counter()
     lowered, inputs = _lower(probe, config, params, mesh, batch, seq_len, capture, n_groups, points)

@@ -335,12 +335,10 @@ def load(directory, config: ModelConfig | None = None, mesh=None) -> dict:
     """Translators saved by `save` (`check`ed first; with `config`, against the model's layers and
     width), restored straight into their shardings on `mesh` (the model's: `model.mesh`; default one
     device, or with several processes every device): each device reads only its shard."""
-    from jaxlens.core.sharding import default_mesh, make_mesh
+    from jaxlens.core.sharding import abstract, default_mesh, make_mesh
     from jaxlens.runtime.checkpoints import restore_tree
 
     directory, meta = check(directory, config)
     mesh = mesh or (default_mesh() if jax.process_count() == 1 else make_mesh())
     shapes = translator_shapes(meta["n_translators"], meta["d_model"])
-    target = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes,
-                          translator_shardings(shapes, mesh))
-    return restore_tree(directory / "translators", target)
+    return restore_tree(directory / "translators", abstract(shapes, translator_shardings(shapes, mesh)))
